@@ -1,0 +1,202 @@
+"""Loading MobileOne weights: Apple's releases (both forms), wrapped files, DDP and Lightning checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from backbones.mobileone import VARIANTS, MobileOne, mobileone
+
+__all__ = ["CheckpointMismatchError", "LoadReport", "describe_state_dict", "load_checkpoint"]
+
+_WRAPPER_KEYS = ("state_dict", "model")
+_MAX_LISTED = 12
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did besides loading: the stripped prefix and the keys it left out."""
+
+    source: str
+    prefix: str = ""
+    dropped: list[str] = field(default_factory=list)
+
+
+def _read(source: str | os.PathLike | Mapping, weights_only: bool) -> tuple[Mapping, str]:
+    if isinstance(source, Mapping):
+        return source, "<state dict>"
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only), path
+    except Exception as error:  # torch raises several types for corrupt / non-torch files
+        hint = (
+            " If the file is one you trust that stores Python objects besides tensors, pass weights_only=False."
+            if weights_only and "weights_only" in str(error)
+            else ""
+        )
+        raise ValueError(f"cannot read checkpoint {path!r}: {error}.{hint}") from error
+
+
+def _unwrap(checkpoint: Mapping, source: str) -> dict[str, torch.Tensor]:
+    while True:
+        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        checkpoint = checkpoint[wrapper]
+    state_dict = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if not state_dict:
+        raise ValueError(
+            f"checkpoint {source} holds no tensors at its top level nor under {list(_WRAPPER_KEYS)}; "
+            f"its top-level keys are {sorted(map(str, checkpoint))[:_MAX_LISTED]}"
+        )
+    return state_dict
+
+
+def _strip_prefix(state_dict: dict[str, torch.Tensor], source: str, prefix: str | None) -> tuple[dict, str]:
+    state_dict = {re.sub(r"^(module\.)+", "", k): v for k, v in state_dict.items()}
+    if prefix is None:
+        found = sorted({k[: k.index("stage0.")] for k in state_dict if re.search(r"(^|\.)stage0\.", k)})
+        if not found:
+            return state_dict, ""
+        if len(found) > 1:
+            raise ValueError(
+                f"checkpoint {source} holds several MobileOne networks, under the prefixes {found}; "
+                "pass prefix=... to say which one to load"
+            )
+        prefix = found[0]
+    if prefix:
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not state_dict:
+            raise ValueError(f"checkpoint {source} has no keys under the prefix {prefix!r}")
+    return state_dict, prefix
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_shapes(variant: str, inference_mode: bool) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = mobileone(variant, inference_mode=inference_mode)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _comparable(key: str) -> bool:
+    return not key.endswith("num_batches_tracked") and not key.startswith("linear.")
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Say which MobileOne variant and form a state dict looks like (or the closest one)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if _comparable(k)}
+    if not any(k.startswith("stage0.") for k in shapes):
+        if any(k.startswith("stages.") for k in shapes) and any(k.startswith("stem.") for k in shapes):
+            return "timm's MobileOne layout (stem.*, stages.*), not Apple's (stage0.*, stage1.*, ...)"
+        return "not a MobileOne state dict in Apple's layout (no 'stage0.*' keys)"
+    train = any(".rbr_conv." in k for k in shapes)
+    inference = any(".reparam_conv." in k for k in shapes)
+    if train and inference:
+        form = "a mix of train form (rbr_*) and inference form (reparam_conv) keys"
+    else:
+        form = "inference form (fused, like mobileone_sX.pth.tar)" if inference else "train form (unfused, like mobileone_sX_unfused.pth.tar)"
+    classes = state_dict["linear.weight"].shape[0] if "linear.weight" in state_dict else None
+    head = f", {classes}-class classifier" if classes is not None else ", no classifier"
+
+    best, best_diff = None, None
+    for variant in VARIANTS:
+        reference = {k: s for k, s in _reference_shapes(variant, inference and not train).items() if _comparable(k)}
+        diff = len(set(reference) ^ set(shapes)) + sum(reference[k] != s for k, s in shapes.items() if k in reference)
+        if best_diff is None or diff < best_diff:
+            best, best_diff = variant, diff
+    if best_diff == 0:
+        return f"MobileOne-{best.upper()}, {form}{head}"
+    # A feature extractor stops early: exact on a prefix of the stages is still a clear answer.
+    return f"closest to MobileOne-{best.upper()} ({best_diff} keys differ), {form}{head}"
+
+
+def _format_keys(keys: list[str]) -> str:
+    listed = ", ".join(keys[:_MAX_LISTED])
+    return listed + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping,
+    prefix: str | None = None,
+    ignore_classifier: bool | None = None,
+    weights_only: bool = True,
+) -> LoadReport:
+    """Load MobileOne weights into ``model`` (strictly, after the adjustments below).
+
+    Accepts a path or an already loaded object: a plain state dict (Apple's
+    ``mobileone_sX_unfused.pth.tar`` / ``mobileone_sX.pth.tar``), one wrapped as
+    ``{"state_dict": ...}`` or ``{"model": ...}``, keys with DDP's ``module.`` prefix, and
+    Lightning ``.ckpt`` files, whose task prefix (``model.``, ``model.backbone.``, ...) in front of
+    ``stage0.`` is found and stripped (or given as ``prefix``); keys outside it are ignored.
+
+    The classifier (``linear.*``) is left out when ``ignore_classifier`` is True, and by default
+    when the model is a feature extractor; stages a feature extractor did not build are left out
+    too. Anything else that does not fit raises :class:`CheckpointMismatchError` listing missing,
+    unexpected and wrongly shaped keys and saying which variant and form the file looks like.
+    """
+    raw, source = _read(checkpoint, weights_only)
+    state_dict = _unwrap(raw, source)
+    state_dict, prefix = _strip_prefix(state_dict, source, prefix)
+
+    if ignore_classifier is None:
+        ignore_classifier = getattr(model, "out_indices", None) is not None
+    expected = model.state_dict()
+    dropped = []
+    for key in list(state_dict):
+        root = key.split(".", 1)[0]
+        unbuilt_stage = re.fullmatch(r"stage\d", root) is not None and not hasattr(model, root)
+        if (ignore_classifier and root == "linear") or (isinstance(model, MobileOne) and unbuilt_stage):
+            dropped.append(key)
+            del state_dict[key]
+    # BatchNorm's step counter is bookkeeping; files saved without it still load.
+    for key in expected:
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = expected[key]
+    if ignore_classifier:
+        for key in expected:
+            if key.split(".", 1)[0] == "linear":
+                state_dict[key] = expected[key]
+
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(
+        f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in set(expected) & set(state_dict)
+        if state_dict[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+        lines = [f"checkpoint {source} does not fit {type(model).__name__}."]
+        lines.append(f"  The file looks like: {describe_state_dict(state_dict)}.")
+        lines.append(f"  The model looks like: {describe_state_dict(expected)}.")
+        file_fused = any(".reparam_conv." in k for k in state_dict)
+        model_fused = any(".reparam_conv." in k for k in expected)
+        if file_fused and not model_fused:
+            lines.append("  Hint: a fused file loads into mobileone(..., inference_mode=True).")
+        elif model_fused and not file_fused:
+            lines.append(
+                "  Hint: load a train-form file into a train-form model and fuse it with reparameterize_model()."
+            )
+        if missing:
+            lines.append(f"  {len(missing)} missing keys: {_format_keys(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected keys: {_format_keys(unexpected)}")
+        if wrong_shape:
+            lines.append(f"  {len(wrong_shape)} keys with wrong shapes: {_format_keys(wrong_shape)}")
+        if prefix:
+            lines.append(f"  (keys were read under the prefix {prefix!r})")
+        raise CheckpointMismatchError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+    return LoadReport(source=source, prefix=prefix, dropped=sorted(dropped))

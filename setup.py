@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mobileone-lightning",
+    version="0.1.0",
+    description="MobileOne (CVPR 2023) backbone with exact reparameterization, and Lightning tasks on top of it",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["backbones", "backbones.*", "tasks", "tasks.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=7",
+            "onnx>=1.15",
+            "onnxruntime>=1.17",
+            "onnxscript>=0.1",
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""Lightning tasks (classification, detection, segmentation) built on the MobileOne backbone."""
