@@ -1,7 +1,7 @@
 """MobileOne backbone: network, reparameterization and checkpoint I/O. Imports only torch."""
 
 from backbones.checkpoint import CheckpointMismatchError, LoadReport, describe_state_dict, load_checkpoint
-from backbones.mobileone import (
+from backbones.network import (
     VARIANTS,
     FeatureInfo,
     MobileOne,

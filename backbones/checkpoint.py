@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from backbones.mobileone import VARIANTS, MobileOne, mobileone
+from backbones.network import VARIANTS, MobileOne, mobileone
 
 __all__ = ["CheckpointMismatchError", "LoadReport", "describe_state_dict", "load_checkpoint"]
 
