@@ -1,6 +1,6 @@
 """MobileOne backbone: network, reparameterization and checkpoint I/O. Imports only torch."""
 
-from backbones.checkpoint import CheckpointMismatchError, LoadReport, describe_state_dict, load_checkpoint
+from backbones.checkpoint import CheckpointMismatchError, LoadReport, describe_state_dict, load_checkpoint, read_state_dict
 from backbones.network import (
     VARIANTS,
     FeatureInfo,
@@ -22,5 +22,6 @@ __all__ = [
     "describe_state_dict",
     "load_checkpoint",
     "mobileone",
+    "read_state_dict",
     "reparameterize_model",
 ]

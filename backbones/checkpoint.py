@@ -13,7 +13,7 @@ from torch import nn
 
 from backbones.network import VARIANTS, MobileOne, mobileone
 
-__all__ = ["CheckpointMismatchError", "LoadReport", "describe_state_dict", "load_checkpoint"]
+__all__ = ["CheckpointMismatchError", "LoadReport", "describe_state_dict", "load_checkpoint", "read_state_dict"]
 
 _WRAPPER_KEYS = ("state_dict", "model")
 _MAX_LISTED = 12
@@ -83,6 +83,24 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor], source: str, prefix: str 
     return state_dict, prefix
 
 
+def _read_state_dict(
+    checkpoint: str | os.PathLike | Mapping, prefix: str | None, weights_only: bool
+) -> tuple[dict[str, torch.Tensor], str]:
+    raw, source = _read(checkpoint, weights_only)
+    return _strip_prefix(_unwrap(raw, source), source, prefix)
+
+
+def read_state_dict(
+    checkpoint: str | os.PathLike | Mapping, prefix: str | None = None, weights_only: bool = True
+) -> dict[str, torch.Tensor]:
+    """The MobileOne state dict in ``checkpoint`` (a path or a loaded object), with Apple's key names.
+
+    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}``, strips DDP's ``module.`` and a task
+    prefix in front of ``stage0.`` (or ``prefix``), as :func:`load_checkpoint` does.
+    """
+    return _read_state_dict(checkpoint, prefix, weights_only)[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _reference_shapes(variant: str, inference_mode: bool) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
@@ -147,9 +165,8 @@ def load_checkpoint(
     too. Anything else that does not fit raises :class:`CheckpointMismatchError` listing missing,
     unexpected and wrongly shaped keys and saying which variant and form the file looks like.
     """
-    raw, source = _read(checkpoint, weights_only)
-    state_dict = _unwrap(raw, source)
-    state_dict, prefix = _strip_prefix(state_dict, source, prefix)
+    source = "<state dict>" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+    state_dict, prefix = _read_state_dict(checkpoint, prefix, weights_only)
 
     if ignore_classifier is None:
         ignore_classifier = getattr(model, "out_indices", None) is not None

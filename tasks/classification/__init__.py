@@ -1,0 +1,1 @@
+"""Image classification (ImageNet, any ImageFolder) with MobileOne."""

@@ -1,0 +1,212 @@
+"""Image classification with MobileOne as a LightningModule."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from backbones import MobileOne, load_checkpoint, mobileone, read_state_dict
+from tasks.common.export import atomic_write
+from tasks.common.optim import parameter_groups, scaled_learning_rate, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+class ImageClassificationTask(pl.LightningModule):
+    """MobileOne classifier trained with the paper's recipe (SGD, cosine, label smoothing).
+
+    Args:
+        variant: MobileOne variant, ``"s0"`` .. ``"s4"``.
+        num_classes: classifier outputs (linked from the data by the CLI).
+        class_names: names of the classes (linked from the data; kept in checkpoints for ``predict``).
+        weights: initial weights: Apple's ``mobileone_sX_unfused.pth.tar`` (train form) or
+            ``mobileone_sX.pth.tar`` (inference form: the network is then built fused), or one of
+            our ``.ckpt`` files. A classifier of another class count is re-initialized.
+        backbone_kwargs: extra ``mobileone()`` arguments (``num_conv_branches``, ``use_se``, ...).
+        lr: learning rate for ``reference_batch_size`` images per step, scaled linearly with the
+            global batch (per-device batch x devices x nodes x gradient accumulation).
+        reference_batch_size: the batch size ``lr`` is given for.
+        momentum / nesterov: SGD settings.
+        weight_decay: initial weight decay of conv / linear weights (BN and biases get none);
+            ``CosineWeightDecay`` anneals it.
+        warmup_epochs: linear learning-rate warm-up before the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        label_smoothing: cross-entropy label smoothing.
+        channels_last: train and evaluate in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        variant: str = "s0",
+        num_classes: int = 1000,
+        class_names: list[str] | None = None,
+        weights: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        lr: float = 0.1,
+        reference_batch_size: int = 256,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.1,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        state_dict = read_state_dict(weights) if weights else None
+        fused = state_dict is not None and any(".reparam_conv." in k for k in state_dict)
+        self.network: MobileOne = mobileone(
+            variant, num_classes=num_classes, inference_mode=fused, **(backbone_kwargs or {})
+        )
+        if state_dict is not None:
+            self._load_weights(state_dict, weights)
+        top_k = min(5, num_classes)
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+
+    def _load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        head = state_dict.get("linear.weight")
+        mismatched = head is not None and head.shape != self.network.linear.weight.shape
+        if mismatched:
+            log.warning(
+                "weights %s have a %d-class classifier, the model has %d classes: the classifier is re-initialized",
+                source, head.shape[0], self.network.num_classes,
+            )
+        report = load_checkpoint(self.network, state_dict, ignore_classifier=mismatched)
+        log.info("loaded weights from %s%s", source, f" (left out: {len(report.dropped)} keys)" if report.dropped else "")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.network(images)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every sample of the batch was an unreadable image (skip_corrupt)
+            return None
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc1", (logits.argmax(1) == labels).float().mean())
+        return loss
+
+    def _evaluate(self, batch: Any, prefix: str) -> None:
+        if batch is None:
+            return
+        images, labels = batch
+        logits = self(images)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.val_acc1(logits, labels)
+        self.val_acc5(logits, labels)
+        self.log(f"{prefix}/acc1", self.val_acc1, prog_bar=True)
+        self.log(f"{prefix}/acc5", self.val_acc5)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+        images, paths = batch
+        probabilities = self(images).float().softmax(dim=1)
+        top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
+        names = self.hparams.class_names or [str(i) for i in range(probabilities.shape[1])]
+        return [
+            {"path": path, "top5": [(names[i], float(p)) for i, p in zip(indices.tolist(), scores.tolist())]}
+            for path, indices, scores in zip(paths, top.indices, top.values)
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainer = self.trainer
+        batch_size = getattr(trainer.datamodule, "batch_size", self.hparams.reference_batch_size)
+        global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
+        optimizer = torch.optim.SGD(
+            parameter_groups(self.network, self.hparams.weight_decay),
+            lr=lr,
+            momentum=self.hparams.momentum,
+            nesterov=self.hparams.nesterov,
+        )
+        total_steps = int(trainer.estimated_stepping_batches)
+        steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            warmup_cosine(total_steps, int(self.hparams.warmup_epochs * steps_per_epoch), self.hparams.min_lr_ratio),
+        )
+        log.info("SGD lr %.4g for a global batch of %d (%.4g per %d)", lr, global_batch, self.hparams.lr, self.hparams.reference_batch_size)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # export (see tasks.common.cli.export_task)
+    def export_network(self) -> nn.Module:
+        return self.network
+
+    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 8) -> torch.Tensor:
+        if datamodule is None:
+            raise ValueError("export checks the fused model on real validation images: it needs the data config")
+        datamodule.setup("validate")
+        images = []
+        for batch in datamodule.val_dataloader():
+            if batch is not None:
+                images.append(batch[0])
+            if sum(len(i) for i in images) >= count:
+                break
+        return torch.cat(images)[:count]
+
+    def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
+        data = datamodule.hparams if datamodule is not None else {}
+        return {
+            "task": "classification",
+            "architecture": f"mobileone_{self.hparams.variant}",
+            "build": f"backbones.mobileone({self.hparams.variant!r}, num_classes={self.network.num_classes}, "
+            f"inference_mode=True, **{self.hparams.backbone_kwargs or {}})",
+            "num_classes": self.network.num_classes,
+            "class_names": self.hparams.class_names,
+            "image_size": data.get("eval_image_size"),
+            "resize": data.get("eval_resize"),
+            "mean": list(data.get("mean", [])),
+            "std": list(data.get("std", [])),
+            "input": "images: float32 (N, 3, H, W), RGB scaled to [0, 1], then (x - mean) / std",
+            "output": "logits: float32 (N, num_classes)",
+        }
+
+
+class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):
+    """Write ``predict``'s top-5 classes and probabilities per image to a CSV file (atomically)."""
+
+    def __init__(self, output: str = "predictions.csv") -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any) -> None:
+        rows = [row for batch in predictions for row in batch]
+        if trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if not trainer.is_global_zero:
+            return
+        k = max((len(row["top5"]) for row in rows), default=0)
+        header = ["path"] + [f"{field}{i}" for i in range(1, k + 1) for field in ("class", "probability")]
+
+        def write(path: str) -> None:
+            with open(path, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(header)
+                for row in rows:
+                    writer.writerow([row["path"]] + [v for name, p in row["top5"] for v in (name, f"{p:.6f}")])
+
+        atomic_write(self.output, write)
+        log.info("wrote top-%d predictions for %d images to %s", k, len(rows), self.output)

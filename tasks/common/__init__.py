@@ -1,0 +1,1 @@
+"""What the tasks share: the CLI with ``export``, optimizer helpers, recipe callbacks."""

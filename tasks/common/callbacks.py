@@ -1,0 +1,91 @@
+"""Callbacks the paper recipes need: weight-decay annealing, progressive resolution, export at the end of fit."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+__all__ = ["CosineWeightDecay", "ExportOnFitEnd", "ProgressiveResolution"]
+
+
+class CosineWeightDecay(pl.Callback):
+    """Anneal weight decay from ``start`` to ``end`` with a cosine over the epochs of ``fit``.
+
+    Epoch ``e`` of ``E`` trains with ``end + (start - end) * (1 + cos(pi * e / (E - 1))) / 2``:
+    ``start`` in the first epoch, ``end`` in the last. Only parameter groups that apply weight
+    decay are changed (those marked ``apply_weight_decay`` by ``parameter_groups``, or else those
+    created with a non-zero weight decay).
+    """
+
+    def __init__(self, start: float = 1e-4, end: float = 1e-5) -> None:
+        self.start = start
+        self.end = end
+
+    def value(self, epoch: int, max_epochs: int) -> float:
+        progress = min(1.0, epoch / max(1, max_epochs - 1))
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weight_decay = self.value(trainer.current_epoch, trainer.max_epochs or 1)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                if group.setdefault("apply_weight_decay", group.get("weight_decay", 0.0) > 0):
+                    group["weight_decay"] = weight_decay
+        pl_module.log("train/weight_decay", weight_decay, on_step=False, on_epoch=True)
+
+
+class ProgressiveResolution(pl.Callback):
+    """Grow the training image size during ``fit``: ``sizes[i]`` from epoch ``milestones[i - 1]`` on.
+
+    E.g. ``sizes=[160, 192, 224], milestones=[37, 112]``. The datamodule must expose a writable
+    ``train_image_size`` and call ``train_image_size_for_epoch(current_epoch)`` (when set) in
+    ``train_dataloader()``: Lightning creates the first epoch's iterator, and with it the worker
+    processes' first batches, before any epoch hook runs. Later switches happen at the end of the
+    previous epoch, when no worker is producing samples, so a batch never mixes sizes.
+    """
+
+    def __init__(self, sizes: Sequence[int], milestones: Sequence[int]) -> None:
+        if len(milestones) != len(sizes) - 1 or list(milestones) != sorted(milestones):
+            raise ValueError(
+                f"ProgressiveResolution needs len(sizes) - 1 increasing milestones, got sizes={list(sizes)}, "
+                f"milestones={list(milestones)}"
+            )
+        self.sizes = list(sizes)
+        self.milestones = list(milestones)
+
+    def size_at(self, epoch: int) -> int:
+        return self.sizes[sum(epoch >= m for m in self.milestones)]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage == "fit":
+            if datamodule is None or not hasattr(datamodule, "train_image_size_for_epoch"):
+                raise TypeError(
+                    "ProgressiveResolution needs a datamodule with `train_image_size` and `train_image_size_for_epoch`"
+                )
+            datamodule.train_image_size_for_epoch = self.size_at
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        size = self.size_at(trainer.current_epoch + 1)
+        if trainer.datamodule.train_image_size != size:
+            rank_zero_info(f"ProgressiveResolution: training at {size} px from epoch {trainer.current_epoch + 1}")
+            trainer.datamodule.train_image_size = size
+
+
+class ExportOnFitEnd(pl.Callback):
+    """Run the task's ``export`` at the end of ``fit`` (with EMA, from the averaged weights)."""
+
+    def __init__(self, output: str = "exported", onnx: bool = True, torchscript: bool = False, tolerance: float = 1e-5) -> None:
+        self.output = output
+        self.onnx = onnx
+        self.torchscript = torchscript
+        self.tolerance = tolerance
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.interrupted:
+            from tasks.common.cli import export_task
+
+            export_task(pl_module, trainer.datamodule, self.output, self.onnx, self.torchscript, self.tolerance)

@@ -1,0 +1,46 @@
+"""Optimizer and learning-rate schedule helpers shared by the tasks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import nn
+
+__all__ = ["parameter_groups", "scaled_learning_rate", "warmup_cosine"]
+
+
+def parameter_groups(module: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Split trainable parameters into a weight-decay group and a no-decay group.
+
+    By default 1-D parameters (BatchNorm weights and biases, conv / linear biases) get no weight
+    decay, the usual choice for BN networks. Groups carry ``"apply_weight_decay"`` so that a
+    weight-decay schedule (``CosineWeightDecay``) knows which ones to change.
+    """
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if decay_norm_and_bias or param.ndim > 1 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "apply_weight_decay": True}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False})
+    return groups
+
+
+def scaled_learning_rate(base_lr: float, global_batch_size: int, reference_batch_size: int = 256) -> float:
+    """Linear scaling rule: ``base_lr`` is the rate for ``reference_batch_size`` images per step."""
+    return base_lr * global_batch_size / reference_batch_size
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier for ``LambdaLR``: linear warm-up from ~0, then cosine from 1 to ``min_ratio``."""
+    total_steps = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,216 @@
+"""The classification task through its real CLI entry point, on tiny generated ImageFolder data."""
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import onnxruntime
+import pytest
+import torch
+
+from backbones import mobileone, reparameterize_model
+from backbones.testing import relative_error
+from tasks.classification.__main__ import main
+from tasks.classification.data import CorruptImageError, ImageFolderDataModule, make_demo_dataset
+from tasks.common.callbacks import CosineWeightDecay, ProgressiveResolution
+
+CONFIG = str(Path(__file__).parent / "configs" / "classification.yaml")
+CLASSES = ["circle", "cross", "square", "stripes", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("data") / "shapes", train_per_class=6, val_per_class=3, size=40)
+
+
+def run(subcommand: str, root: Path, workdir: Path, *extra: str) -> None:
+    main([subcommand, "--config", CONFIG, "--data.root", str(root), "--trainer.default_root_dir", str(workdir), *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(image_root, tmp_path_factory) -> Path:
+    """One epoch of fit; returns the work dir holding checkpoints/last.ckpt."""
+    workdir = tmp_path_factory.mktemp("fit")
+    run("fit", image_root, workdir)
+    return workdir
+
+
+def last_checkpoint(workdir: Path) -> Path:
+    (path,) = workdir.glob("**/last.ckpt")
+    return path
+
+
+def test_fit_fast_dev_run(image_root, tmp_path):
+    run("fit", image_root, tmp_path, "--trainer.fast_dev_run=2")
+
+
+def test_fit_writes_checkpoint_with_classes(trained):
+    checkpoint = torch.load(last_checkpoint(trained), map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 0
+    assert checkpoint["hyper_parameters"]["num_classes"] == 5
+    assert checkpoint["hyper_parameters"]["class_names"] == CLASSES
+    assert checkpoint["state_dict"]["network.linear.weight"].shape == (5, 1024)
+
+
+def test_resume_from_last_checkpoint(image_root, trained, tmp_path):
+    resumed = tmp_path / "resumed"
+    run("fit", image_root, resumed, "--trainer.max_epochs=2", f"--ckpt_path={last_checkpoint(trained)}")
+    checkpoint = torch.load(last_checkpoint(resumed), map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 1, "training continued from epoch 1, it did not restart"
+    assert checkpoint["global_step"] == 2 * (30 // 4)
+
+
+def test_validate_and_predict(image_root, trained, tmp_path):
+    ckpt = str(last_checkpoint(trained))
+    run("validate", image_root, tmp_path, f"--ckpt_path={ckpt}")
+    output = tmp_path / "predictions.csv"
+    run("predict", image_root, tmp_path, f"--ckpt_path={ckpt}", f"--data.predict_dir={image_root / 'val' / 'square'}",
+        f"--predictions.output={output}")
+    with open(output) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 and all(Path(r["path"]).parent.name == "square" for r in rows)
+    for row in rows:
+        probabilities = [float(row[f"probability{i}"]) for i in range(1, 6)]
+        assert probabilities == sorted(probabilities, reverse=True) and 0.99 < sum(probabilities) <= 1.0001
+        assert sorted(row[f"class{i}"] for i in range(1, 6)) == CLASSES
+
+
+def test_export_writes_checked_fused_model(image_root, trained, tmp_path):
+    out = tmp_path / "exported"
+    run("export", image_root, tmp_path, f"--ckpt_path={last_checkpoint(trained)}", f"--output={out}")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model_fused.pt"]
+    metadata = json.loads((out / "model.json").read_text())
+    assert metadata["class_names"] == CLASSES and metadata["image_size"] == 32
+    assert metadata["fused_vs_unfused_relative_error"] < 1e-5 and metadata["onnx_vs_pytorch_relative_error"] < 1e-5
+
+    checkpoint = torch.load(last_checkpoint(trained), map_location="cpu", weights_only=False)
+    trained_net = mobileone("s0", num_classes=5)
+    trained_net.load_state_dict({k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items()})
+    fused = mobileone("s0", num_classes=5, inference_mode=True)
+    fused.load_state_dict(torch.load(out / "model_fused.pt", weights_only=True))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(fused.eval()(x), trained_net.eval()(x)) < 1e-5
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": x.numpy()})
+    assert relative_error(torch.from_numpy(logits), fused(x)) < 1e-5
+    assert not list(out.glob(".*.tmp")), "no temporary files are left behind"
+
+
+def test_finetune_with_other_class_count_reinitializes_classifier(image_root, trained, tmp_path, caplog):
+    three = make_demo_dataset(tmp_path / "three", train_per_class=4, val_per_class=2, size=40, classes=["circle", "cross", "square"])
+    with caplog.at_level(logging.WARNING, logger="tasks.classification.module"):
+        run("fit", three, tmp_path, "--trainer.fast_dev_run=1", f"--model.weights={last_checkpoint(trained)}")
+    assert "5-class classifier, the model has 3 classes: the classifier is re-initialized" in caplog.text
+
+
+def test_apple_weights_in_both_forms(image_root, tmp_path):
+    """``--model.weights`` takes Apple's files: a fused one builds the network in inference form."""
+    unfused = mobileone("s0", num_classes=5)
+    torch.save(unfused.state_dict(), tmp_path / "mobileone_s0_unfused.pth.tar")
+    torch.save(reparameterize_model(unfused).state_dict(), tmp_path / "mobileone_s0.pth.tar")
+    from tasks.classification.module import ImageClassificationTask
+
+    for name, fused in [("mobileone_s0_unfused.pth.tar", False), ("mobileone_s0.pth.tar", True)]:
+        task = ImageClassificationTask("s0", num_classes=5, weights=str(tmp_path / name))
+        assert task.network.inference_mode == fused
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert relative_error(task.network.eval()(x), unfused.eval()(x)) < 1e-5
+        run("validate", image_root, tmp_path, f"--model.weights={tmp_path / name}")
+
+
+def test_missing_or_empty_root_shows_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*<class name>/<image>.jpg"):
+        ImageFolderDataModule(str(tmp_path / "nowhere"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"(?s)no class directories.*expected an ImageFolder"):
+        ImageFolderDataModule(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "train" / "cat").mkdir()
+    data = ImageFolderDataModule(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"train holds no images"):
+        data.setup("fit")
+    (tmp_path / "empty" / "train" / "cat" / "1.jpg").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"val does not exist"):
+        data.setup("fit")
+
+
+def test_mismatched_val_classes_are_named(image_root, tmp_path):
+    root = make_demo_dataset(tmp_path / "odd", train_per_class=2, val_per_class=1, size=40)
+    (root / "val" / "circle").rename(root / "val" / "ellipse")
+    with pytest.raises(ValueError, match=r"(?s)missing \['circle'\], unexpected \['ellipse'\]"):
+        ImageFolderDataModule(str(root)).setup("validate")
+
+
+def test_corrupt_image_raises_or_is_skipped(tmp_path):
+    root = make_demo_dataset(tmp_path / "corrupt", train_per_class=4, val_per_class=2, size=40)
+    bad = root / "train" / "cross" / "00001.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated jpeg")
+    strict = ImageFolderDataModule(str(root), num_workers=0, image_size=32)
+    strict.setup("fit")
+    index = [p for p, _ in strict.train_dataset.samples].index(bad)
+    with pytest.raises(CorruptImageError, match="00001.jpg"):
+        strict.train_dataset[index]
+    lenient = ImageFolderDataModule(str(root), num_workers=0, image_size=32, skip_corrupt=True, batch_size=20)
+    lenient.setup("fit")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*00001.jpg"):
+        images, labels = next(iter(lenient.train_dataloader()))
+    assert len(images) == len(labels) == 19
+
+
+class RecordBatches(pl.Callback):
+    def __init__(self) -> None:
+        self.sizes: dict[int, set] = {}
+        self.weight_decay: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.sizes.setdefault(trainer.current_epoch, set()).add(tuple(batch[0].shape[-2:]))
+        decays = {g["weight_decay"] for g in trainer.optimizers[0].param_groups if g["apply_weight_decay"]}
+        self.weight_decay[trainer.current_epoch] = decays.pop()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resolution_and_weight_decay_schedules(image_root, tmp_path, num_workers):
+    from tasks.classification.module import ImageClassificationTask
+
+    record = RecordBatches()
+    data = ImageFolderDataModule(str(image_root), batch_size=5, num_workers=num_workers, image_size=224, eval_resize=36, eval_image_size=32)
+    trainer = pl.Trainer(
+        max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, accelerator="cpu",
+        callbacks=[record, ProgressiveResolution(sizes=[32, 40, 48], milestones=[2, 4]), CosineWeightDecay(1e-4, 1e-5)],
+    )
+    trainer.fit(ImageClassificationTask("s0", num_classes=5, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]}), data)
+    assert record.sizes == {0: {(32, 32)}, 1: {(32, 32)}, 2: {(40, 40)}, 3: {(40, 40)}, 4: {(48, 48)}}
+    expected = [1e-5 + 9e-5 * (1 + torch.cos(torch.tensor(torch.pi * e / 4)).item()) / 2 for e in range(5)]
+    assert [record.weight_decay[e] for e in range(5)] == pytest.approx(expected)
+    assert record.weight_decay[0] == pytest.approx(1e-4) and record.weight_decay[4] == pytest.approx(1e-5)
+    no_decay = [g for g in trainer.optimizers[0].param_groups if not g["apply_weight_decay"]]
+    assert no_decay and all(g["weight_decay"] == 0 for g in no_decay)
+
+
+def test_learning_rate_scales_with_global_batch(image_root):
+    from tasks.classification.module import ImageClassificationTask
+
+    data = ImageFolderDataModule(str(image_root), batch_size=8, num_workers=0, image_size=32, eval_resize=36, eval_image_size=32)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", accumulate_grad_batches=2)
+    task = ImageClassificationTask("s0", num_classes=5, lr=0.1, warmup_epochs=0)
+    trainer.fit(task, data)
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.1 * 16 / 256)
+
+
+@pytest.mark.slow
+def test_demo_config_learns(tmp_path, monkeypatch):
+    """The README's demo command reaches far-above-chance accuracy (chance = 20%)."""
+    monkeypatch.chdir(tmp_path)  # the demo config logs under ./outputs
+    config = Path(__file__).parents[1] / "configs" / "classification" / "demo.yaml"
+    main(["fit", "--config", str(config), "--data.root", str(tmp_path / "demo"), "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.enable_progress_bar=false"])
+    metrics = list(tmp_path.glob("**/metrics.csv"))
+    assert metrics, "the demo config logs to CSV"
+    with open(metrics[0]) as handle:
+        accuracies = [float(row["val/acc1"]) for row in csv.DictReader(handle) if row.get("val/acc1")]
+    assert accuracies[-1] >= 0.8, accuracies
