@@ -11,13 +11,16 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
+        "lightning>=2.5",
+        "torchmetrics>=1.4",
+        "jsonargparse[signatures]>=4.30",
+        "tensorboard>=2.14",
+        "pillow>=10",
+        "onnx>=1.15",
+        "onnxruntime>=1.17",
+        "onnxscript>=0.1",
     ],
     extras_require={
-        "dev": [
-            "pytest>=7",
-            "onnx>=1.15",
-            "onnxruntime>=1.17",
-            "onnxscript>=0.1",
-        ],
+        "dev": ["pytest>=7"],
     },
 )

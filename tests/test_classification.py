@@ -214,3 +214,34 @@ def test_demo_config_learns(tmp_path, monkeypatch):
     with open(metrics[0]) as handle:
         accuracies = [float(row["val/acc1"]) for row in csv.DictReader(handle) if row.get("val/acc1")]
     assert accuracies[-1] >= 0.8, accuracies
+
+
+RECIPES = sorted((Path(__file__).parents[1] / "configs" / "classification").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_config_runs(config, image_root, tmp_path, monkeypatch):
+    """Each recipe / demo config trains a step and validates (on CPU, tiny batch, fp32)."""
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(config), "--data.root", str(image_root), "--trainer.fast_dev_run=1",
+          "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--data.batch_size=2",
+          "--data.num_workers=0", "--trainer.enable_progress_bar=false"])
+    if config.stem == "finetune":  # ExportOnFitEnd ran
+        assert (tmp_path / "outputs" / "classification" / "finetune" / "exported" / "model_fused.pt").is_file()
+
+
+def test_ema_weights_are_checkpointed_and_exported(image_root, tmp_path):
+    run("fit", image_root, tmp_path, "--trainer.max_steps=3",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay=0.5")
+    checkpoint = torch.load(last_checkpoint(tmp_path), map_location="cpu", weights_only=False)
+    key = "network.stage1.0.rbr_conv.0.conv.weight"
+    assert not torch.equal(checkpoint["state_dict"][key], checkpoint["current_model_state"][key])
+
+    out = tmp_path / "exported"
+    run("export", image_root, tmp_path, f"--ckpt_path={last_checkpoint(tmp_path)}", f"--output={out}", "--onnx=false")
+    ema = mobileone("s0", num_classes=5)
+    ema.load_state_dict({k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items()})
+    exported = torch.load(out / "model_fused.pt", weights_only=True)
+    expected = reparameterize_model(ema).state_dict()
+    assert all(torch.allclose(exported[k], expected[k], rtol=1e-5, atol=1e-6) for k in expected)
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model_fused.pt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import multiprocessing
 import os
 import random
@@ -303,14 +304,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return self._loader(self.predict_dataset, shuffle=False)
 
 
-def _draw_demo_image(shape: str, size: int, rng: random.Random) -> Image.Image:
-    background = tuple(rng.randint(0, 255) for _ in range(3))
-    image = Image.new("RGB", (size, size), background)
+def _draw_demo_image(shape: str, size: int, rng: random.Random, hue: float) -> Image.Image:
+    """One demo image: a ``shape`` in a colour near ``hue`` (0..1) on a grey background with clutter."""
+    grey = rng.randint(30, 220)
+    image = Image.new("RGB", (size, size), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(5, 15)):  # clutter: small random dots
         x, y, r = rng.randint(0, size), rng.randint(0, size), rng.randint(1, size // 24 + 1)
         draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    colour = tuple((c + 128 + rng.randint(-40, 40)) % 256 for c in background)
+    red, green, blue = colorsys.hsv_to_rgb((hue + rng.uniform(-0.04, 0.04)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+    colour = (int(red * 255), int(green * 255), int(blue * 255))
     extent = rng.uniform(0.35, 0.7) * size
     cx, cy = rng.uniform(extent / 2, size - extent / 2), rng.uniform(extent / 2, size - extent / 2)
     left, top, right, bottom = cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2
@@ -341,7 +344,8 @@ def make_demo_dataset(
     splits: tuple[str, str] = ("train", "val"),
     seed: int = 0,
 ) -> Path:
-    """Write a synthetic ImageFolder dataset (one class per drawn shape, JPEG files) to ``root``.
+    """Write a synthetic ImageFolder dataset to ``root``: one class per drawn shape, each class also
+    with its own colour (hue), at random positions and sizes on grey backgrounds with clutter; JPEG files.
 
     The set is written to a temporary sibling directory and renamed into place, so an interrupted
     run never leaves a half-written dataset behind.
@@ -354,8 +358,9 @@ def make_demo_dataset(
         for split, count in zip(splits, (train_per_class, val_per_class)):
             for name in classes:
                 (scratch / split / name).mkdir(parents=True)
+                hue = classes.index(name) / len(classes)
                 for index in range(count):
-                    _draw_demo_image(name, size, rng).save(scratch / split / name / f"{index:05d}.jpg", quality=90)
+                    _draw_demo_image(name, size, rng, hue).save(scratch / split / name / f"{index:05d}.jpg", quality=90)
         if root.exists() and not any(root.iterdir()):
             root.rmdir()
         os.rename(scratch, root)
