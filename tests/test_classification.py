@@ -54,10 +54,10 @@ def test_fit_writes_checkpoint_with_classes(trained):
     assert checkpoint["state_dict"]["network.linear.weight"].shape == (5, 1024)
 
 
-def test_resume_from_last_checkpoint(image_root, trained, tmp_path):
-    resumed = tmp_path / "resumed"
-    run("fit", image_root, resumed, "--trainer.max_epochs=2", f"--ckpt_path={last_checkpoint(trained)}")
-    checkpoint = torch.load(last_checkpoint(resumed), map_location="cpu", weights_only=False)
+def test_resume_with_ckpt_path_last(image_root, tmp_path):
+    run("fit", image_root, tmp_path)
+    run("fit", image_root, tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last")
+    checkpoint = torch.load(last_checkpoint(tmp_path), map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 1, "training continued from epoch 1, it did not restart"
     assert checkpoint["global_step"] == 2 * (30 // 4)
 
