@@ -6,8 +6,6 @@ import colorsys
 import multiprocessing
 import os
 import random
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,8 +17,9 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+
+from tasks.common.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, list_images, read_image, write_dataset_atomically
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -31,26 +30,7 @@ __all__ = [
     "read_image",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 DEMO_CLASSES = ("circle", "cross", "square", "stripes", "triangle")
-
-
-class CorruptImageError(RuntimeError):
-    """An image file that cannot be decoded."""
-
-
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor (C, H, W); raise ``CorruptImageError`` naming the file."""
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except Exception as torchvision_error:  # formats or variants torchvision's decoders miss: try PIL
-        try:
-            with Image.open(path) as image:
-                return v2.functional.pil_to_tensor(image.convert("RGB"))
-        except Exception:
-            raise CorruptImageError(f"cannot decode image file {path}: {torchvision_error}") from torchvision_error
 
 
 def layout_help(root: str | os.PathLike, train_split: str, val_split: str) -> str:
@@ -64,15 +44,6 @@ def layout_help(root: str | os.PathLike, train_split: str, val_split: str) -> st
 
 def list_classes(split_dir: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
-
-
-def list_images(directory: Path) -> list[Path]:
-    return sorted(
-        Path(dirpath) / name
-        for dirpath, _, names in os.walk(directory, followlinks=True)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
 
 
 class SharedImageSize:
@@ -350,21 +321,14 @@ def make_demo_dataset(
     The set is written to a temporary sibling directory and renamed into place, so an interrupted
     run never leaves a half-written dataset behind.
     """
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def write(scratch: Path) -> None:
         for split, count in zip(splits, (train_per_class, val_per_class)):
-            for name in classes:
+            for class_index, name in enumerate(classes):
                 (scratch / split / name).mkdir(parents=True)
-                hue = classes.index(name) / len(classes)
+                hue = class_index / len(classes)
                 for index in range(count):
                     _draw_demo_image(name, size, rng, hue).save(scratch / split / name / f"{index:05d}.jpg", quality=90)
-        if root.exists() and not any(root.iterdir()):
-            root.rmdir()
-        os.rename(scratch, root)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    return root
+
+    return write_dataset_atomically(root, write)
