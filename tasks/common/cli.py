@@ -27,15 +27,18 @@ def export_task(
 
     The task module provides ``export_network()``, ``export_inputs(datamodule)`` (a batch of
     preprocessed validation images) and ``export_metadata(datamodule)`` (what a deployment needs:
-    classes, image size, normalization, ...).
+    classes, image size, normalization, ...), and may set ``export_dynamic_image_size`` to give
+    the ONNX file dynamic height and width.
     """
     inputs = model.export_inputs(datamodule)
     result = export_network(
-        model.export_network(), inputs, output, model.export_metadata(datamodule), onnx, torchscript, tolerance
+        model.export_network(), inputs, output, model.export_metadata(datamodule), onnx, torchscript, tolerance,
+        dynamic_image_size=getattr(model, "export_dynamic_image_size", False),
     )
     lines = [f"exported to {output}:"]
     lines += [f"  {name}: {path}" for name, path in sorted(result["files"].items())]
     lines += [f"  {key}: {value:.3e}" for key, value in result.items() if key.endswith("relative_error")]
+    lines += [f"  {key}: {value:.6f}" for key, value in result.items() if key.endswith("agreement")]
     rank_zero_info("\n".join(lines))
     return result
 

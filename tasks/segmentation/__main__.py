@@ -1,0 +1,25 @@
+"""``python -m tasks.segmentation {fit,validate,test,predict,export} --config ...``"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser
+
+from tasks.common.cli import TaskCLI
+from tasks.segmentation.data import SegmentationDataModule
+from tasks.segmentation.module import MaskWriter, SemanticSegmentationTask
+
+
+class SegmentationCLI(TaskCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.ignore_index", "model.ignore_index", apply_on="instantiate")
+        parser.add_lightning_class_args(MaskWriter, "predictions")
+
+
+def main(args: ArgsType = None) -> None:
+    SegmentationCLI(SemanticSegmentationTask, SegmentationDataModule, subclass_mode_data=True, args=args)
+
+
+if __name__ == "__main__":
+    main()

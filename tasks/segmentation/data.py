@@ -1,0 +1,445 @@
+"""Semantic segmentation data: Pascal VOC 2012 (+SBD), ADE20K, any image/mask folder, and the demo set."""
+
+from __future__ import annotations
+
+import colorsys
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD, list_images, read_image, write_dataset_atomically
+
+__all__ = [
+    "ADE20K",
+    "VOC_CLASSES",
+    "FolderSegmentation",
+    "InvalidMaskError",
+    "SegmentationDataModule",
+    "VOCSegmentation",
+    "make_demo_voc",
+    "read_mask",
+    "voc_palette",
+]
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+DEMO_CLASSES = ("background", "circle", "square", "triangle")
+
+
+class InvalidMaskError(ValueError):
+    """A label mask that does not fit its image or holds labels outside the classes."""
+
+
+def voc_palette() -> list[int]:
+    """Pascal VOC's 256-colour palette (flat RGB list), as used by its ``SegmentationClass`` PNGs."""
+    palette = []
+    for label in range(256):
+        r = g = b = 0
+        value = label
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A label mask as an (H, W) integer array: palette PNGs give their indices, grayscale PNGs their values."""
+    with Image.open(path) as mask:
+        if mask.mode not in ("P", "L", "I", "I;16"):
+            raise InvalidMaskError(
+                f"mask {path} has PIL mode {mask.mode!r}; expected a palette ('P') or grayscale ('L') PNG holding class indices"
+            )
+        return np.array(mask, dtype=np.int64)
+
+
+class SegmentationPairs(Dataset):
+    """(image, mask) files -> transformed (image tensor, int64 mask) pairs, with validated labels."""
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        transform: v2.Transform,
+        num_classes: int,
+        ignore_index: int,
+        label_offset: int = 0,
+    ) -> None:
+        self.pairs = list(pairs)
+        self.transform = transform
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.label_offset = label_offset
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        labels = read_mask(mask_path)
+        if labels.shape != tuple(image.shape[-2:]):
+            raise InvalidMaskError(
+                f"mask {mask_path} is {labels.shape[1]}x{labels.shape[0]} (WxH) but its image {image_path} is "
+                f"{image.shape[2]}x{image.shape[1]}"
+            )
+        if self.label_offset:  # ADE20K: 0 = "other" -> ignore, 1..150 -> 0..149
+            labels = np.where(labels == 0, self.ignore_index, labels - self.label_offset)
+        bad = np.setdiff1d(np.unique(labels), np.r_[np.arange(self.num_classes), self.ignore_index])
+        if bad.size:
+            raise InvalidMaskError(
+                f"mask {mask_path} holds labels {bad.tolist()[:20]} outside [0, {self.num_classes}) and the ignore "
+                f"index {self.ignore_index}"
+            )
+        return image, torch.from_numpy(labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, labels = self.load(index)
+        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(labels))
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+class ImagesOnly(Dataset):
+    """Images of a directory for ``predict``: (image, {"path", "size": original (H, W)})."""
+
+    def __init__(self, directory: Path, transform: v2.Transform) -> None:
+        self.paths = list_images(directory)
+        if not self.paths:
+            raise FileNotFoundError(f"no images under predict_dir {directory}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image = read_image(self.paths[index])
+        info = {"path": str(self.paths[index]), "size": tuple(image.shape[-2:])}
+        return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor), info
+
+
+class RandomScale(v2.Transform):
+    """Resize by a factor drawn uniformly from ``scale_range`` (masks: nearest neighbour, as v2 does for Masks)."""
+
+    def __init__(self, scale_range: Sequence[float] = (0.5, 2.0)) -> None:
+        super().__init__()
+        self.scale_range = tuple(scale_range)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        factor = random.uniform(*self.scale_range)
+        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
+
+    def transform(self, inpt, params: dict):
+        return v2.functional.resize(inpt, params["size"], antialias=True)
+
+
+def pad_collate(ignore_index: int):
+    """Collate images of different sizes: pad to the largest (images with 0, masks with ``ignore_index``)."""
+
+    def collate(batch: list) -> tuple:
+        height = max(sample[0].shape[-2] for sample in batch)
+        width = max(sample[0].shape[-1] for sample in batch)
+        images, rest = [], []
+        for image, other in batch:
+            pad = [0, width - image.shape[-1], 0, height - image.shape[-2]]
+            images.append(F.pad(image, pad))
+            rest.append(F.pad(other, pad, value=ignore_index) if isinstance(other, torch.Tensor) else other)
+        second = torch.stack(rest) if isinstance(rest[0], torch.Tensor) else rest
+        return torch.stack(images), second
+
+    return collate
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Shared loading, augmentation and validation; subclasses say where the (image, mask) pairs are.
+
+    Training: random scale (``scale_range``), random crop ``crop_size`` (padding images with 0 and
+    masks with ``ignore_index``), horizontal flip, photometric jitter, normalization. Evaluation and
+    ``predict``: the whole image at its original resolution (batches padded, padding ignored).
+
+    ``num_classes``, ``class_names`` and ``ignore_index`` are linked into the model by the CLI.
+    """
+
+    class_names: list[str]
+    label_offset = 0
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        crop_size: int = 512,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        ignore_index: int = 255,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        predict_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.crop_size = crop_size
+        self.scale_range = tuple(scale_range)
+        self.ignore_index = ignore_index
+        self.mean, self.std = list(mean), list(std)
+        self.predict_dir = predict_dir
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def pairs(self, split: str) -> list[tuple[Path, Path]]:
+        """The (image, mask) files of ``split`` ("train" or "val")."""
+        raise NotImplementedError
+
+    def _normalize(self) -> list[v2.Transform]:
+        return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(self.mean, self.std)]
+
+    def train_transform(self) -> v2.Transform:
+        return v2.Compose(
+            [
+                RandomScale(self.scale_range),
+                v2.RandomCrop(self.crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: self.ignore_index}),
+                v2.RandomHorizontalFlip(),
+                v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.02),
+                *self._normalize(),
+            ]
+        )
+
+    def eval_transform(self) -> v2.Transform:
+        return v2.Compose(self._normalize())
+
+    def _dataset(self, split: str, transform: v2.Transform) -> SegmentationPairs:
+        pairs = self.pairs(split)
+        if not pairs:
+            raise FileNotFoundError(f"{type(self).__name__}: no (image, mask) pairs found for the {split} split")
+        return SegmentationPairs(pairs, transform, self.num_classes, self.ignore_index, self.label_offset)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_dataset = self._dataset("train", self.train_transform())
+        if stage in ("fit", "validate", "test"):
+            self.val_dataset = self._dataset("val", self.eval_transform())
+        if stage == "predict":
+            if self.predict_dir is None:
+                raise ValueError("predict needs --data.predict_dir: a directory of images to segment")
+            self.predict_dataset = ImagesOnly(Path(self.predict_dir), self.eval_transform())
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            collate_fn=pad_collate(self.ignore_index),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, self.val_batch_size, shuffle=False)
+
+
+def _read_split_file(path: Path, layout: str) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {layout}")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _check_pairs(pairs: list[tuple[Path, Path]], layout: str) -> list[tuple[Path, Path]]:
+    for image, mask in pairs:
+        for path in (image, mask):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is listed but missing; {layout}")
+    return pairs
+
+
+class VOCSegmentation(SegmentationDataModule):
+    """Pascal VOC 2012 under ``root`` (the ``VOCdevkit`` directory): 21 classes, 255 ignored.
+
+    With ``sbd_augmented`` (the usual "VOC-aug" setting) training reads
+    ``ImageSets/Segmentation/train_aug.txt`` and ``SegmentationClassAug/*.png`` (grayscale);
+    otherwise ``train.txt`` and ``SegmentationClass/*.png`` (palette). Validation is always
+    ``val.txt`` with ``SegmentationClass``. ``demo`` generates a small synthetic set in this layout
+    into ``root`` on first use (4 classes).
+    """
+
+    def __init__(self, root: str, sbd_augmented: bool = False, demo: bool = False, demo_images: int = 160, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.sbd_augmented = sbd_augmented
+        self.demo = demo
+        self.demo_images = demo_images
+        self.class_names = list(DEMO_CLASSES if demo else VOC_CLASSES)
+        self.voc = self.root / "VOC2012"
+        self.layout = (
+            f"expected Pascal VOC under {self.root}: VOC2012/JPEGImages/<id>.jpg, VOC2012/SegmentationClass/<id>.png, "
+            "VOC2012/ImageSets/Segmentation/{train,val}.txt (and for sbd_augmented: VOC2012/SegmentationClassAug/<id>.png, "
+            "VOC2012/ImageSets/Segmentation/train_aug.txt)"
+        )
+        if not demo and not self.voc.is_dir():
+            raise FileNotFoundError(f"{self.voc} does not exist; {self.layout}")
+
+    def prepare_data(self) -> None:
+        if self.demo and not self.voc.is_dir():
+            make_demo_voc(self.root, self.demo_images, max(8, self.demo_images // 4), size=max(96, self.crop_size))
+
+    def pairs(self, split: str) -> list[tuple[Path, Path]]:
+        augmented = split == "train" and self.sbd_augmented
+        ids = _read_split_file(self.voc / "ImageSets" / "Segmentation" / ("train_aug.txt" if augmented else f"{split}.txt"), self.layout)
+        masks = self.voc / ("SegmentationClassAug" if augmented else "SegmentationClass")
+        return _check_pairs([(self.voc / "JPEGImages" / f"{i}.jpg", masks / f"{i}.png") for i in ids], self.layout)
+
+
+class ADE20K(SegmentationDataModule):
+    """ADE20K scene parsing (``ADEChallengeData2016``): 150 classes; label 0 ("other") is ignored and
+    labels 1..150 become 0..149."""
+
+    label_offset = 1
+
+    def __init__(self, root: str, class_names: list[str] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(1, 151)]
+        self.layout = (
+            f"expected ADE20K under {self.root}: images/{{training,validation}}/<name>.jpg and "
+            "annotations/{training,validation}/<name>.png"
+        )
+        if not (self.root / "images").is_dir():
+            raise FileNotFoundError(f"{self.root / 'images'} does not exist; {self.layout}")
+
+    def pairs(self, split: str) -> list[tuple[Path, Path]]:
+        folder = "training" if split == "train" else "validation"
+        images = list_images(self.root / "images" / folder)
+        return _check_pairs([(p, self.root / "annotations" / folder / f"{p.stem}.png") for p in images], self.layout)
+
+
+class FolderSegmentation(SegmentationDataModule):
+    """Any images/masks folder pair with matching file stems (palette or grayscale PNG masks).
+
+    Validation comes from ``val_images`` / ``val_masks`` when given, else from a deterministic
+    ``val_fraction`` of the training pairs. Give ``class_names`` (or ``num_classes``).
+    """
+
+    def __init__(
+        self,
+        images: str,
+        masks: str,
+        val_images: str | None = None,
+        val_masks: str | None = None,
+        val_fraction: float = 0.1,
+        class_names: list[str] | None = None,
+        num_classes: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if class_names is None and num_classes is None:
+            raise ValueError("FolderSegmentation needs class_names (or num_classes)")
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        self.images, self.masks = Path(images), Path(masks)
+        self.val_images = Path(val_images) if val_images else None
+        self.val_masks = Path(val_masks) if val_masks else None
+        self.val_fraction = val_fraction
+        for directory in (self.images, self.masks):
+            if not directory.is_dir():
+                raise FileNotFoundError(f"{directory} does not exist; expected images/<stem>.jpg and masks/<stem>.png")
+
+    @staticmethod
+    def _match(images: Path, masks: Path) -> list[tuple[Path, Path]]:
+        by_stem = {p.stem: p for p in masks.iterdir() if p.suffix.lower() == ".png"}
+        pairs = [(p, by_stem.get(p.stem)) for p in list_images(images)]
+        unmatched = [str(p) for p, m in pairs if m is None]
+        if unmatched:
+            raise FileNotFoundError(f"{len(unmatched)} images have no mask <stem>.png in {masks}, e.g. {unmatched[:3]}")
+        return pairs
+
+    def pairs(self, split: str) -> list[tuple[Path, Path]]:
+        if self.val_images is not None:
+            return self._match(*((self.images, self.masks) if split == "train" else (self.val_images, self.val_masks)))
+        pairs = self._match(self.images, self.masks)
+        held_out = set(random.Random(0).sample(range(len(pairs)), max(1, round(len(pairs) * self.val_fraction))))
+        return [p for i, p in enumerate(pairs) if (i in held_out) == (split == "val")]
+
+
+def _textured_background(size: int, rng: random.Random) -> Image.Image:
+    noise = np.random.default_rng(rng.randint(0, 2**31)).integers(0, 60, (size, size, 3), dtype=np.uint8)
+    base = np.array([rng.randint(40, 200) for _ in range(3)], dtype=np.uint8)
+    image = Image.fromarray(np.clip(noise.astype(np.int16) + base - 30, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    period = rng.randint(6, 16)
+    stripe = tuple(int(c) for c in np.clip(base.astype(int) + rng.choice([-35, 35]), 0, 255))
+    for offset in range(-size, size, period):  # diagonal stripes
+        draw.line((offset, 0, offset + size, size), fill=stripe, width=2)
+    return image
+
+
+def make_demo_voc(root: str | os.PathLike, train_images: int = 160, val_images: int = 40, size: int = 128, seed: int = 0) -> Path:
+    """Write a synthetic VOC-style dataset to ``root`` (the ``VOCdevkit`` directory).
+
+    Each image holds 1-3 shapes (circle, square, triangle; each class with its own hue) on a
+    textured background; masks are VOC palette PNGs with a 1-pixel 255 ("ignore") outline
+    around every shape, as VOC's own masks have. Written to a scratch directory and renamed.
+    """
+    rng = random.Random(seed)
+    palette = voc_palette()
+
+    def write(scratch: Path) -> None:
+        voc = scratch / "VOC2012"
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (voc / sub).mkdir(parents=True)
+        for split, count in (("train", train_images), ("val", val_images)):
+            ids = []
+            for index in range(count):
+                image_id = f"{split}_{index:05d}"
+                image = _textured_background(size, rng)
+                mask = Image.new("P", (size, size), 0)
+                mask.putpalette(palette)
+                draw_image, draw_mask = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+                for _ in range(rng.randint(1, 3)):
+                    label = rng.randint(1, len(DEMO_CLASSES) - 1)
+                    hue = (label - 1) / (len(DEMO_CLASSES) - 1) + rng.uniform(-0.04, 0.04)
+                    rgb = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)))
+                    extent = rng.uniform(0.2, 0.5) * size
+                    cx, cy = rng.uniform(extent / 2, size - extent / 2), rng.uniform(extent / 2, size - extent / 2)
+                    box = (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2)
+                    for draw, fill, outline in ((draw_image, rgb, None), (draw_mask, label, 255)):
+                        if DEMO_CLASSES[label] == "circle":
+                            draw.ellipse(box, fill=fill, outline=outline)
+                        elif DEMO_CLASSES[label] == "square":
+                            draw.rectangle(box, fill=fill, outline=outline)
+                        else:
+                            draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill, outline=outline)
+                image.save(voc / "JPEGImages" / f"{image_id}.jpg", quality=92)
+                mask.save(voc / "SegmentationClass" / f"{image_id}.png")
+                ids.append(image_id)
+            (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+
+    return write_dataset_atomically(root, write)

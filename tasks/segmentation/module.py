@@ -1,0 +1,238 @@
+"""Semantic segmentation with DeepLabV3 on MobileOne as a LightningModule."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from tasks.common.export import atomic_write
+from tasks.common.optim import parameter_groups, scaled_learning_rate
+from tasks.segmentation.data import voc_palette
+from tasks.segmentation.deeplabv3 import DeepLabV3, DeepLabV3Logits
+
+log = logging.getLogger(__name__)
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Per-class IoU (NaN for classes absent from both targets and predictions), mIoU over the
+    classes present, and pixel accuracy, from a (target x prediction) confusion matrix."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
+    present = ~iou.isnan()
+    miou = iou[present].mean().item() if present.any() else float("nan")
+    accuracy = (true_positive.sum() / confusion.sum().clamp(min=1)).item()
+    return iou, miou, accuracy
+
+
+def poly_schedule(total_steps: int, power: float, warmup_steps: int = 0) -> Any:
+    """LR multiplier: linear warm-up, then ``(1 - progress) ** power`` (DeepLab's "poly")."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return (1.0 - progress) ** power
+
+    return factor
+
+
+class SemanticSegmentationTask(pl.LightningModule):
+    """DeepLabV3-MobileOne trained with cross-entropy (+ auxiliary FCN loss), evaluated by mIoU.
+
+    Args:
+        variant: MobileOne variant of the backbone.
+        num_classes / class_names / ignore_index: linked from the data by the CLI.
+        output_stride: 8 (ASPP 12/24/36) or 16 (6/12/18).
+        aspp_channels: ASPP / head width (256 or 512).
+        aux_loss_weight: weight of the auxiliary FCN head's loss on stage 3; 0 removes the head.
+        backbone_weights: ImageNet checkpoint for the backbone (Apple's or ours).
+        backbone_kwargs: extra ``mobileone()`` arguments (``frozen_stages``, ``norm_eval``, ...).
+        lr: backbone learning rate for ``reference_batch_size`` images per step (linearly scaled
+            with the global batch); the heads train at ``head_lr_multiplier`` times it.
+        momentum / weight_decay: SGD settings (BN and biases get no weight decay).
+        poly_power: the "poly" schedule's power, applied per step after ``warmup_epochs``.
+        channels_last: channels-last memory format (CUDA devices only).
+    """
+
+    export_dynamic_image_size = True
+
+    def __init__(
+        self,
+        variant: str = "s4",
+        num_classes: int = 21,
+        class_names: list[str] | None = None,
+        ignore_index: int = 255,
+        output_stride: int = 8,
+        aspp_channels: int = 256,
+        aux_loss_weight: float = 0.4,
+        backbone_weights: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        lr: float = 0.001,
+        head_lr_multiplier: float = 10.0,
+        reference_batch_size: int = 16,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        poly_power: float = 0.9,
+        warmup_epochs: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = DeepLabV3(
+            variant, num_classes, output_stride, aspp_channels, aux_head=aux_loss_weight > 0,
+            backbone_weights=backbone_weights, backbone_kwargs=backbone_kwargs,
+        )
+        self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+
+    @property
+    def uses_channels_last(self) -> bool:
+        # CUDA only: see ImageClassificationTask (oneDNN channels-last conv backward crashes on CPU).
+        return self.hparams.channels_last and self.device.type == "cuda"
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.uses_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def on_fit_start(self) -> None:
+        if self.uses_channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, masks = batch
+        outputs = self(images)
+        loss = F.cross_entropy(outputs["out"], masks, ignore_index=self.hparams.ignore_index)
+        if "aux" in outputs:
+            aux = F.cross_entropy(outputs["aux"], masks, ignore_index=self.hparams.ignore_index)
+            self.log("train/aux_loss", aux)
+            loss = loss + self.hparams.aux_loss_weight * aux
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: Any) -> None:
+        images, masks = batch
+        logits = self(images)["out"]
+        self.confusion.update(logits.argmax(1), masks)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _log_epoch(self, prefix: str) -> None:
+        iou, miou, accuracy = iou_from_confusion(self.confusion.compute())
+        self.confusion.reset()
+        self.log(f"{prefix}/mIoU", miou, prog_bar=True)
+        self.log(f"{prefix}/pixel_acc", accuracy)
+        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            names = self.hparams.class_names or [str(i) for i in range(len(iou))]
+            width = max(len(n) for n in names)
+            rows = [f"{'class':<{width}}  IoU"] + [
+                f"{name:<{width}}  {'   n/a' if value != value else f'{100 * value:6.2f}'}" for name, value in zip(names, iou.tolist())
+            ]
+            rows.append(f"{'mIoU':<{width}}  {100 * miou:6.2f}   pixel accuracy {100 * accuracy:.2f}")
+            print("\n".join(rows))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+        images, infos = batch
+        predictions = self(images)["out"].argmax(1).to(torch.uint8).cpu()
+        return [
+            {"path": info["path"], "mask": prediction[: info["size"][0], : info["size"][1]].numpy()}
+            for prediction, info in zip(predictions, infos)
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainer = self.trainer
+        batch_size = getattr(trainer.datamodule, "batch_size", self.hparams.reference_batch_size)
+        global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
+        heads = nn.ModuleList([m for m in (self.model.head, self.model.aux_head) if m is not None])
+        groups = parameter_groups(self.model.backbone, self.hparams.weight_decay)
+        for group in parameter_groups(heads, self.hparams.weight_decay):
+            groups.append({**group, "lr": lr * self.hparams.head_lr_multiplier})
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=self.hparams.momentum)
+        total_steps = int(trainer.estimated_stepping_batches)
+        warmup = int(self.hparams.warmup_epochs * total_steps / max(1, trainer.max_epochs or 1))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_steps, self.hparams.poly_power, warmup))
+        log.info("SGD: backbone lr %.4g, heads %.4g, global batch %d", lr, lr * self.hparams.head_lr_multiplier, global_batch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # export (see tasks.common.cli.export_task)
+    def export_network(self) -> nn.Module:
+        model = copy.deepcopy(self.model)
+        model.aux_head = None
+        return DeepLabV3Logits(model)
+
+    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 4) -> torch.Tensor:
+        if datamodule is None:
+            raise ValueError("export checks the fused model on real validation images: it needs the data config")
+        datamodule.setup("validate")
+        images: list[torch.Tensor] = []
+        for batch_images, _ in datamodule.val_dataloader():
+            if images and batch_images.shape[-2:] != images[0].shape[-2:]:
+                continue  # keep one image size: the check runs them as one batch
+            images.extend(batch_images)
+            if len(images) >= count:
+                break
+        return torch.stack(images[:count])
+
+    def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
+        return {
+            "task": "segmentation",
+            "architecture": f"deeplabv3_mobileone_{self.hparams.variant}",
+            "output_stride": self.hparams.output_stride,
+            "num_classes": self.hparams.num_classes,
+            "class_names": self.hparams.class_names,
+            "ignore_index": self.hparams.ignore_index,
+            "mean": list(getattr(datamodule, "mean", [])),
+            "std": list(getattr(datamodule, "std", [])),
+            "input": "images: float32 (N, 3, H, W), any H and W, RGB scaled to [0, 1], then (x - mean) / std",
+            "output": "logits: float32 (N, num_classes, H, W); the label map is argmax over dim 1",
+        }
+
+
+class MaskWriter(pl.callbacks.BasePredictionWriter):
+    """Write ``predict``'s label masks as palette PNGs (``<stem>.png``) and colour overlays
+    (``<stem>_overlay.jpg``) into ``output_dir``."""
+
+    def __init__(self, output_dir: str = "predictions", alpha: float = 0.5) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.alpha = alpha
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        palette = voc_palette()
+        colours = np.array(palette, dtype=np.uint8).reshape(256, 3)
+        for item in prediction:
+            stem = Path(item["path"]).stem
+            mask = Image.fromarray(item["mask"], mode="P")
+            mask.putpalette(palette)
+            with Image.open(item["path"]) as original:
+                image = np.asarray(original.convert("RGB"), dtype=np.float32)
+            blend = (1 - self.alpha) * image + self.alpha * colours[item["mask"]]
+            blend[item["mask"] == 0] = image[item["mask"] == 0]  # background stays as it was
+            overlay = Image.fromarray(blend.round().astype(np.uint8))
+            for name, picture, kind in ((f"{stem}.png", mask, "PNG"), (f"{stem}_overlay.jpg", overlay, "JPEG")):
+                buffer = io.BytesIO()
+                picture.save(buffer, format=kind)
+                atomic_write(Path(self.output_dir) / name, lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))

@@ -1,0 +1,251 @@
+"""The segmentation task through its real CLI, on generated VOC / ADE20K / folder layouts."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from backbones.testing import relative_error
+from tasks.segmentation.__main__ import main
+from tasks.segmentation.data import (
+    ADE20K,
+    FolderSegmentation,
+    InvalidMaskError,
+    VOCSegmentation,
+    make_demo_voc,
+    read_mask,
+)
+from tasks.segmentation.deeplabv3 import DeepLabV3
+from tasks.segmentation.module import SemanticSegmentationTask, iou_from_confusion
+
+CONFIG = str(Path(__file__).parent / "configs" / "segmentation.yaml")
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory) -> Path:
+    return make_demo_voc(tmp_path_factory.mktemp("voc") / "VOCdevkit", train_images=6, val_images=3, size=64)
+
+
+def run(subcommand: str, workdir: Path, *extra: str) -> None:
+    main([subcommand, "--config", CONFIG, "--trainer.default_root_dir", str(workdir), *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(voc_root, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("fit")
+    run("fit", workdir, f"--data.init_args.root={voc_root}")
+    (checkpoint,) = workdir.glob("**/last.ckpt")
+    return checkpoint
+
+
+def test_demo_layout_is_voc(voc_root):
+    voc = voc_root / "VOC2012"
+    ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    assert len(ids) == 6 and (voc / "JPEGImages" / f"{ids[0]}.jpg").is_file()
+    with Image.open(voc / "SegmentationClass" / f"{ids[0]}.png") as mask:
+        assert mask.mode == "P"
+    labels = set(np.unique(np.concatenate([read_mask(voc / "SegmentationClass" / f"{i}.png").ravel() for i in ids])))
+    assert labels <= {0, 1, 2, 3, 255} and 255 in labels and len(labels) >= 3
+
+
+def test_validate_prints_per_class_table(voc_root, trained, tmp_path, capsys):
+    run("validate", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={trained}")
+    table = capsys.readouterr().out
+    for name in ("background", "circle", "square", "triangle", "mIoU", "pixel accuracy"):
+        assert name in table
+
+
+def test_predict_writes_masks_and_overlays(voc_root, trained, tmp_path):
+    images = voc_root / "VOC2012" / "JPEGImages"
+    out = tmp_path / "predictions"
+    run("predict", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={trained}",
+        f"--data.init_args.predict_dir={images}", f"--predictions.output_dir={out}")
+    stems = sorted(p.stem for p in images.glob("*.jpg"))
+    assert sorted(p.stem for p in out.glob("*.png")) == stems
+    assert sorted(p.name for p in out.glob("*_overlay.jpg")) == [f"{s}_overlay.jpg" for s in stems]
+    with Image.open(out / f"{stems[0]}.png") as mask:
+        assert mask.mode == "P" and mask.size == (64, 64)
+        assert set(np.unique(np.array(mask))) <= {0, 1, 2, 3}
+
+
+def test_export_matches_and_accepts_any_image_size(voc_root, trained, tmp_path):
+    out = tmp_path / "exported"
+    run("export", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={trained}", f"--output={out}")
+    metadata = json.loads((out / "model.json").read_text())
+    assert metadata["fused_vs_unfused_relative_error"] < 1e-5 and metadata["onnx_vs_pytorch_relative_error"] < 1e-5
+    assert metadata["fused_vs_unfused_argmax_agreement"] > 0.999
+    assert metadata["class_names"] == ["background", "circle", "square", "triangle"]
+
+    task = SemanticSegmentationTask.load_from_checkpoint(trained, map_location="cpu").eval()
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 80, 48)  # another size than the validation images
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = task.model(x)["out"]
+    assert logits.shape == (2, 4, 80, 48)
+    assert relative_error(torch.from_numpy(logits), expected) < 1e-5
+
+
+def test_miou_equals_numpy_confusion_over_batches():
+    task = SemanticSegmentationTask("s0", num_classes=4, ignore_index=255, output_stride=16, aspp_channels=16)
+    generator = torch.Generator().manual_seed(0)
+    confusion = np.zeros((4, 4), dtype=np.int64)
+    for _ in range(3):
+        logits = torch.randn(2, 4, 16, 16, generator=generator)
+        masks = torch.randint(0, 4, (2, 16, 16), generator=generator)
+        masks[masks == 3] = 255  # class 3 never a target: it can still be predicted
+        masks[:, :2] = 255
+        task.model.forward = lambda images, logits=logits: {"out": logits}
+        task.validation_step((torch.zeros(2, 3, 16, 16), masks), 0)
+        predictions, targets = logits.argmax(1).numpy().ravel(), masks.numpy().ravel()
+        keep = targets != 255
+        np.add.at(confusion, (targets[keep], predictions[keep]), 1)
+    iou, miou, accuracy = iou_from_confusion(task.confusion.compute())
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    expected_iou = np.diag(confusion) / union
+    assert np.allclose(iou.numpy(), expected_iou)
+    assert miou == pytest.approx(np.nanmean(np.where(union > 0, expected_iou, np.nan)))
+    assert accuracy == pytest.approx(np.diag(confusion).sum() / confusion.sum())
+    assert expected_iou[3] == 0.0, "a class only predicted counts with IoU 0"
+
+
+def test_crop_pads_mask_with_ignore_index(voc_root):
+    data = VOCSegmentation(str(voc_root), demo=True, crop_size=100, scale_range=(1.0, 1.0))
+    image, mask = data.train_transform()(tv_tensors.Image(torch.full((3, 64, 64), 200, dtype=torch.uint8)),
+                                         tv_tensors.Mask(torch.ones(64, 64, dtype=torch.int64)))
+    assert image.shape == (3, 100, 100) and mask.shape == (100, 100)
+    assert (mask == 255).sum() == 100 * 100 - 64 * 64 and (mask == 1).sum() == 64 * 64
+
+
+def _write_ade(root: Path, labels: np.ndarray) -> None:
+    for folder in ("training", "validation"):
+        (root / "images" / folder).mkdir(parents=True)
+        (root / "annotations" / folder).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((40, 48, 3), 30 * i, dtype=np.uint8)).save(root / "images" / folder / f"ADE_{i}.jpg")
+            Image.fromarray(labels.astype(np.uint8), mode="L").save(root / "annotations" / folder / f"ADE_{i}.png")
+
+
+def test_ade20k_ignores_label_zero_and_shifts_labels(tmp_path):
+    labels = np.zeros((40, 48), dtype=np.uint8)
+    labels[:10], labels[10:20], labels[20:30] = 1, 2, 3
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade(root, labels)
+    data = ADE20K(str(root), class_names=["wall", "floor", "sky"], num_workers=0)
+    data.setup("validate")
+    _, mask = data.val_dataset[0]
+    assert mask[:10].unique().tolist() == [0] and mask[20:30].unique().tolist() == [2]
+    assert mask[30:].unique().tolist() == [255]
+    main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run=1",
+          "--data.class_path=tasks.segmentation.data.ADE20K", f"--data.init_args.root={root}",
+          "--data.init_args.class_names=[wall, floor, sky]", "--data.init_args.crop_size=32"])
+
+
+def test_folder_dataset_with_grayscale_and_palette_masks(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((32, 32, 3), 20 * i, dtype=np.uint8)).save(tmp_path / "images" / f"img{i}.png")
+        labels = np.full((32, 32), i % 3, dtype=np.uint8)
+        mask = Image.fromarray(labels, mode="L") if i % 2 else Image.fromarray(labels, mode="P")
+        mask.save(tmp_path / "masks" / f"img{i}.png")
+    data = FolderSegmentation(str(tmp_path / "images"), str(tmp_path / "masks"), num_classes=3, num_workers=0)
+    train, val = data.pairs("train"), data.pairs("val")
+    assert len(train) == 9 and len(val) == 1 and not set(train) & set(val)
+    main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run=1",
+          "--data.class_path=tasks.segmentation.data.FolderSegmentation", f"--data.init_args.images={tmp_path / 'images'}",
+          f"--data.init_args.masks={tmp_path / 'masks'}", "--data.init_args.num_classes=3", "--data.init_args.crop_size=32"])
+
+
+def test_bad_masks_are_named(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(np.zeros((30, 32), dtype=np.uint8), mode="L").save(tmp_path / "masks" / "a.png")
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / "b.png")
+    Image.fromarray(np.array([[0, 7], [9, 255]], dtype=np.uint8).repeat(16, 0).repeat(16, 1), mode="L").save(tmp_path / "masks" / "b.png")
+    data = FolderSegmentation(str(tmp_path / "images"), str(tmp_path / "masks"), val_images=str(tmp_path / "images"),
+                              val_masks=str(tmp_path / "masks"), num_classes=3, num_workers=0)
+    data.setup("validate")
+    with pytest.raises(InvalidMaskError, match=r"a.png is 32x30 \(WxH\) but its image .*a.png is 32x32"):
+        data.val_dataset[0]
+    with pytest.raises(InvalidMaskError, match=r"b.png holds labels \[7, 9\] outside \[0, 3\)"):
+        data.val_dataset[1]
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "masks" / "b.png")
+    with pytest.raises(InvalidMaskError, match=r"b.png has PIL mode 'RGB'"):
+        data.val_dataset[1]
+
+
+def test_missing_voc_root_shows_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"VOC2012 does not exist; expected Pascal VOC"):
+        VOCSegmentation(str(tmp_path / "VOCdevkit"))
+
+
+@pytest.mark.parametrize("output_stride, rates", [(8, (12, 24, 36)), (16, (6, 12, 18))])
+def test_output_stride_shapes_and_rates(output_stride, rates):
+    model = DeepLabV3("s1", num_classes=5, output_stride=output_stride, aspp_channels=32).eval()
+    x = torch.randn(1, 3, 64, 96)
+    stage3, stage4 = model.backbone(x)
+    assert stage3.shape[-2:] == stage4.shape[-2:] == (64 // output_stride, 96 // output_stride)
+    aspp_rates = [m[0].dilation[0] for m in model.head[0].convs[1:4]]
+    assert tuple(aspp_rates) == rates
+    with torch.no_grad():
+        assert model(x)["out"].shape == (1, 5, 64, 96)
+    model.train()
+    outputs = model(torch.randn(2, 3, 64, 96))
+    assert outputs["aux"].shape == outputs["out"].shape == (2, 5, 64, 96)
+
+
+@pytest.mark.slow
+def test_demo_config_learns(tmp_path, monkeypatch):
+    """The README's segmentation demo reaches far-above-chance mIoU."""
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[1] / "configs" / "segmentation" / "demo.yaml"
+    main(["fit", "--config", str(config), "--trainer.enable_progress_bar=false"])
+    (metrics,) = tmp_path.glob("outputs/segmentation/demo/version_*/metrics.csv")
+    with open(metrics) as handle:
+        mious = [float(row["val/mIoU"]) for row in csv.DictReader(handle) if row.get("val/mIoU")]
+    assert mious[-1] >= 0.6, mious
+
+
+def _add_sbd(voc_root: Path) -> None:
+    """Add SBD's files to a VOC tree: grayscale SegmentationClassAug masks and train_aug.txt."""
+    voc = voc_root / "VOC2012"
+    (voc / "SegmentationClassAug").mkdir(exist_ok=True)
+    ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    for image_id in ids:
+        labels = read_mask(voc / "SegmentationClass" / f"{image_id}.png").astype(np.uint8)
+        Image.fromarray(labels, mode="L").save(voc / "SegmentationClassAug" / f"{image_id}.png")
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(ids[:4]) + "\n")
+
+
+SEGMENTATION_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "segmentation").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SEGMENTATION_CONFIGS, ids=[p.stem for p in SEGMENTATION_CONFIGS])
+def test_every_shipped_config_runs(config, voc_root, tmp_path, monkeypatch):
+    """Each recipe / demo config trains a step and validates (CPU, tiny crops, fp32)."""
+    monkeypatch.chdir(tmp_path)
+    _add_sbd(voc_root)
+    root = voc_root
+    if "ade20k" in config.stem:
+        root = tmp_path / "ADEChallengeData2016"
+        labels = np.zeros((40, 48), dtype=np.uint8)
+        labels[:20] = 7
+        _write_ade(root, labels)
+    if config.stem == "demo":
+        root = tmp_path / "generated" / "VOCdevkit"
+    main(["fit", "--config", str(config), f"--data.init_args.root={root}", "--trainer.fast_dev_run=1",
+          "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--data.init_args.batch_size=2",
+          "--data.init_args.num_workers=0", "--data.init_args.crop_size=48", "--trainer.enable_progress_bar=false"])
+    if config.stem == "demo":  # prepare_data generated the demo set in VOC layout
+        assert (root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").is_file()
