@@ -214,7 +214,7 @@ def test_demo_config_learns(tmp_path, monkeypatch):
     (metrics,) = tmp_path.glob("outputs/segmentation/demo/version_*/metrics.csv")
     with open(metrics) as handle:
         mious = [float(row["val/mIoU"]) for row in csv.DictReader(handle) if row.get("val/mIoU")]
-    assert mious[-1] >= 0.6, mious
+    assert mious[-1] >= 0.6, mious  # predicting background everywhere scores 0.206
 
 
 def _add_sbd(voc_root: Path) -> None:
