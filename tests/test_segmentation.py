@@ -249,3 +249,24 @@ def test_every_shipped_config_runs(config, voc_root, tmp_path, monkeypatch):
           "--data.init_args.num_workers=0", "--data.init_args.crop_size=48", "--trainer.enable_progress_bar=false"])
     if config.stem == "demo":  # prepare_data generated the demo set in VOC layout
         assert (root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").is_file()
+
+
+def test_head_learning_rate_and_poly_schedule(voc_root):
+    import lightning.pytorch as pl
+
+    from tasks.segmentation.module import poly_schedule
+
+    data = VOCSegmentation(str(voc_root), demo=True, batch_size=2, val_batch_size=2, num_workers=0, crop_size=32)
+    task = SemanticSegmentationTask("s0", num_classes=4, output_stride=16, aspp_channels=16, lr=0.01, head_lr_multiplier=10)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(task, data)
+    groups = trainer.optimizers[0].param_groups
+    backbone = {id(p) for p in task.model.backbone.parameters()}
+    for group in groups:
+        in_backbone = {id(p) in backbone for p in group["params"]}
+        assert len(in_backbone) == 1
+        assert group["initial_lr"] == pytest.approx(0.01 * 2 / 16 * (1 if in_backbone.pop() else 10))
+    factor = poly_schedule(total_steps=100, power=0.9, warmup_steps=10)
+    assert factor(0) == pytest.approx(0.1) and factor(10) == 1.0 and factor(100) == 0.0
+    assert factor(55) == pytest.approx(0.5**0.9)

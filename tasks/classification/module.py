@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import MobileOne, load_checkpoint, mobileone, read_state_dict
 from tasks.common.export import atomic_write
-from tasks.common.optim import parameter_groups, scaled_learning_rate, warmup_cosine
+from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ class ImageClassificationTask(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         trainer = self.trainer
-        batch_size = getattr(trainer.datamodule, "batch_size", self.hparams.reference_batch_size)
-        global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        global_batch = global_batch_size(trainer, self.hparams.reference_batch_size)
         lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
         optimizer = torch.optim.SGD(
             parameter_groups(self.network, self.hparams.weight_decay),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["parameter_groups", "scaled_learning_rate", "warmup_cosine"]
+__all__ = ["global_batch_size", "parameter_groups", "scaled_learning_rate", "warmup_cosine"]
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
@@ -26,6 +26,15 @@ def parameter_groups(module: nn.Module, weight_decay: float, decay_norm_and_bias
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False})
     return groups
+
+
+def global_batch_size(trainer, default: int) -> int:
+    """Images per optimizer step over all processes: per-device batch x world size x accumulation.
+
+    The per-device batch is the datamodule's ``batch_size`` (``default`` when it has none).
+    """
+    batch_size = getattr(trainer.datamodule, "batch_size", default)
+    return batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
 def scaled_learning_rate(base_lr: float, global_batch_size: int, reference_batch_size: int = 256) -> float:

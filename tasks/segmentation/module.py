@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tasks.common.export import atomic_write
-from tasks.common.optim import parameter_groups, scaled_learning_rate
+from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate
 from tasks.segmentation.data import voc_palette
 from tasks.segmentation.deeplabv3 import DeepLabV3, DeepLabV3Logits
 
@@ -163,8 +163,7 @@ class SemanticSegmentationTask(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         trainer = self.trainer
-        batch_size = getattr(trainer.datamodule, "batch_size", self.hparams.reference_batch_size)
-        global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        global_batch = global_batch_size(trainer, self.hparams.reference_batch_size)
         lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
         heads = nn.ModuleList([m for m in (self.model.head, self.model.aux_head) if m is not None])
         groups = parameter_groups(self.model.backbone, self.hparams.weight_decay)
