@@ -19,6 +19,7 @@ setup(
         "onnx>=1.15",
         "onnxruntime>=1.17",
         "onnxscript>=0.1",
+        "pycocotools>=2.0.7",
     ],
     extras_require={
         "dev": ["pytest>=7"],

@@ -19,7 +19,16 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 from torchvision.transforms import v2
 
-from tasks.common.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, list_images, read_image, write_dataset_atomically
+from tasks.common.data import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    list_images,
+    make_loader,
+    read_image,
+    write_dataset_atomically,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -248,17 +257,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self.predict_dataset = UnlabelledImages(Path(self.hparams.predict_dir), self.eval_transform())
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.hparams.persistent_workers and workers > 0,
-            collate_fn=collate_skipping_missing if self.hparams.skip_corrupt else None,
-        )
+        hp = self.hparams
+        collate = collate_skipping_missing if hp.skip_corrupt else None
+        return make_loader(dataset, self.batch_size, shuffle, hp.num_workers, hp.pin_memory, hp.persistent_workers, collate)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_image_size_for_epoch is not None and self.trainer is not None:

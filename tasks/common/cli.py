@@ -28,12 +28,14 @@ def export_task(
     The task module provides ``export_network()``, ``export_inputs(datamodule)`` (a batch of
     preprocessed validation images) and ``export_metadata(datamodule)`` (what a deployment needs:
     classes, image size, normalization, ...), and may set ``export_dynamic_image_size`` to give
-    the ONNX file dynamic height and width.
+    the ONNX file dynamic height and width, and ``export_agreement(fused, trained)`` to measure
+    how often the fused model's predictions match (default: equal argmax over dim 1).
     """
     inputs = model.export_inputs(datamodule)
     result = export_network(
         model.export_network(), inputs, output, model.export_metadata(datamodule), onnx, torchscript, tolerance,
         dynamic_image_size=getattr(model, "export_dynamic_image_size", False),
+        agreement=getattr(model, "export_agreement", None),
     )
     lines = [f"exported to {output}:"]
     lines += [f"  {name}: {path}" for name, path in sorted(result["files"].items())]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
@@ -19,6 +20,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "CorruptImageError",
     "list_images",
+    "make_loader",
     "read_image",
     "write_dataset_atomically",
 ]
@@ -72,3 +74,26 @@ def write_dataset_atomically(root: str | os.PathLike, write: Callable[[Path], No
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return root
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    pin_memory: bool = True,
+    persistent_workers: bool = True,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
+    """The tasks' DataLoader: training loaders shuffle and drop the last partial batch; pinned
+    memory only with CUDA; persistent workers only when there are workers."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=persistent_workers and num_workers > 0,
+        collate_fn=collate_fn,
+    )

@@ -84,12 +84,14 @@ def export_network(
     torchscript: bool = False,
     tolerance: float = 1e-5,
     dynamic_image_size: bool = False,
+    agreement: Callable[[Any, Any], float] | None = None,
 ) -> dict[str, Any]:
     """Fuse ``network`` and write it to ``output_dir``; return what was written and the measured errors.
 
     Fusing = MobileOne layers reparameterized, then conv-BN pairs of ``nn.Sequential`` blocks
-    (e.g. a segmentation head) folded. The report also gives the agreement of the predicted
-    classes (``argmax`` over dim 1: per image, or per pixel) between the fused and trained models.
+    (e.g. a segmentation head) folded. The report also gives the agreement between the fused and
+    trained models' predictions: ``agreement(fused_output, trained_output)`` when given (e.g.
+    matched detections), else the fraction of equal ``argmax`` over dim 1 (per image, or per pixel).
 
     Writes ``model_fused.pt`` (the fused state dict), ``model.json`` (``metadata`` plus the
     errors), and optionally ``model.onnx`` (dynamic batch) and a TorchScript trace. The fused
@@ -105,7 +107,7 @@ def export_network(
         fused_output = fused(example_inputs)
     report: dict[str, Any] = {
         "fused_vs_unfused_relative_error": _worst_error(fused_output, reference),
-        "fused_vs_unfused_argmax_agreement": _argmax_agreement(fused_output, reference),
+        "fused_vs_unfused_agreement": (agreement or _argmax_agreement)(fused_output, reference),
     }
     log.info("fused vs unfused relative error on %d images: %.3e", len(example_inputs), report["fused_vs_unfused_relative_error"])
     if report["fused_vs_unfused_relative_error"] > tolerance:

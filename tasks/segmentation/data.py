@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD, list_images, read_image, write_dataset_atomically
+from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD, list_images, make_loader, read_image, write_dataset_atomically
 
 __all__ = [
     "ADE20K",
@@ -244,15 +244,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             self.predict_dataset = ImagesOnly(Path(self.predict_dir), self.eval_transform())
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            collate_fn=pad_collate(self.ignore_index),
+        return make_loader(
+            dataset, batch_size, shuffle, self.num_workers, self.pin_memory, self.persistent_workers,
+            pad_collate(self.ignore_index),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,1 @@
+"""Object detection (COCO, any COCO-format set) with SSDLite on MobileOne."""

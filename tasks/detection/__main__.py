@@ -1,0 +1,25 @@
+"""``python -m tasks.detection {fit,validate,test,predict,export} --config ...``"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser
+
+from tasks.common.cli import TaskCLI
+from tasks.detection.data import COCODetection
+from tasks.detection.module import DetectionWriter, ObjectDetectionTask
+
+
+class DetectionCLI(TaskCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.image_size")
+        parser.add_lightning_class_args(DetectionWriter, "predictions")
+
+
+def main(args: ArgsType = None) -> None:
+    DetectionCLI(ObjectDetectionTask, COCODetection, args=args)
+
+
+if __name__ == "__main__":
+    main()

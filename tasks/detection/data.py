@@ -1,0 +1,346 @@
+"""COCO-format detection data (COCO 2017 or any json + image directory), and the demo set."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import random
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from tasks.common.data import list_images, make_loader, read_image, write_dataset_atomically
+
+__all__ = ["COCODetection", "CocoAnnotations", "InvalidAnnotationError", "make_demo_coco"]
+
+DEMO_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"})
+
+
+class InvalidAnnotationError(ValueError):
+    """An annotation that cannot be used (with ``strict=True``)."""
+
+
+class CocoAnnotations:
+    """A COCO-format json read and checked once: images, category mapping, cleaned boxes.
+
+    Category ids map to contiguous labels 1..K (0 is the background) and back. Problems are
+    counted per kind and reported in one warning, or with ``strict`` raise an error naming the
+    json file and the annotation or image id: boxes with zero or negative width or height are
+    dropped; boxes reaching outside the image are clipped (dropped if nothing is left); unknown
+    category ids are dropped; images whose file is missing are dropped.
+    """
+
+    def __init__(self, annotation_file: str | os.PathLike, image_dir: str | os.PathLike, strict: bool = False) -> None:
+        self.path = Path(annotation_file)
+        self.image_dir = Path(image_dir)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"annotation file {self.path} does not exist")
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image directory {self.image_dir} does not exist")
+        with open(self.path) as handle:
+            data = json.load(handle)
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise ValueError(f"{self.path} is not a COCO detection file: no {key!r} key")
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.category_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
+        self.label_to_category = {label: cid for cid, label in self.category_to_label.items()}
+        self.class_names = [c["name"] for c in self.categories]
+        problems: Counter = Counter()
+
+        def problem(kind: str, detail: str) -> None:
+            if strict:
+                raise InvalidAnnotationError(f"{self.path}: {detail}")
+            problems[kind] += 1
+
+        self.images: dict[int, dict[str, Any]] = {}
+        for image in data["images"]:
+            if not (self.image_dir / image["file_name"]).is_file():
+                problem("missing image file", f"image id {image['id']}: file {self.image_dir / image['file_name']} is missing")
+                continue
+            self.images[image["id"]] = {**image, "annotations": []}
+        for annotation in data["annotations"]:
+            image = self.images.get(annotation["image_id"])
+            if image is None:
+                continue
+            if annotation["category_id"] not in self.category_to_label:
+                problem("unknown category id", f"annotation id {annotation['id']}: unknown category id {annotation['category_id']}")
+                continue
+            x, y, w, h = (float(v) for v in annotation["bbox"])
+            if w <= 0 or h <= 0:
+                problem("zero or negative width/height", f"annotation id {annotation['id']}: bbox {annotation['bbox']} has no area")
+                continue
+            x1, y1 = max(0.0, x), max(0.0, y)
+            x2, y2 = min(float(image["width"]), x + w), min(float(image["height"]), y + h)
+            if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+                if x2 <= x1 or y2 <= y1:
+                    problem("box outside the image", f"annotation id {annotation['id']}: bbox {annotation['bbox']} lies outside image id {image['id']}")
+                    continue
+                problem("box clipped to the image", f"annotation id {annotation['id']}: bbox {annotation['bbox']} reaches outside image id {image['id']}")
+            image["annotations"].append(
+                {
+                    "box": [x1, y1, x2, y2],
+                    "label": self.category_to_label[annotation["category_id"]],
+                    "iscrowd": int(annotation.get("iscrowd", 0)),
+                    "area": float(annotation.get("area", (x2 - x1) * (y2 - y1))),
+                }
+            )
+        if problems:
+            counts = ", ".join(f"{kind}: {count}" for kind, count in sorted(problems.items()))
+            warnings.warn(f"{self.path}: fixed or dropped bad annotations ({counts}); pass strict=True to raise instead")
+        self.problems = dict(problems)
+
+    def image_ids(self, with_boxes_only: bool) -> list[int]:
+        """Image ids; for training, only images with at least one non-crowd box."""
+        return [
+            i for i, image in self.images.items()
+            if not with_boxes_only or any(not a["iscrowd"] for a in image["annotations"])
+        ]
+
+
+class CocoImages(Dataset):
+    """Images and targets: ``(image float [0, 1], {"boxes" xyxy, "labels", "iscrowd", "area", "image_id"})``.
+
+    Training targets leave crowd boxes out; evaluation targets keep them, marked ``iscrowd``.
+    """
+
+    def __init__(self, coco: CocoAnnotations, train: bool, transform: v2.Transform) -> None:
+        self.coco = coco
+        self.train = train
+        self.ids = coco.image_ids(with_boxes_only=train)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image_info = self.coco.images[self.ids[index]]
+        image = read_image(self.coco.image_dir / image_info["file_name"])
+        annotations = [a for a in image_info["annotations"] if not (self.train and a["iscrowd"])]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.tensor([a["box"] for a in annotations], dtype=torch.float32).reshape(-1, 4),
+                format="XYXY", canvas_size=tuple(image.shape[-2:]),
+            ),
+            "labels": torch.tensor([a["label"] for a in annotations], dtype=torch.int64),
+            "iscrowd": torch.tensor([a["iscrowd"] for a in annotations], dtype=torch.int64),
+            "area": torch.tensor([a["area"] for a in annotations], dtype=torch.float32),
+        }
+        image, target = self.transform(tv_tensors.Image(image), target)
+        target = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
+        target["image_id"] = torch.tensor(self.ids[index])
+        return image.as_subclass(torch.Tensor), target
+
+
+class FolderImages(Dataset):
+    """Images of a directory for ``predict``: (image float [0, 1], {"path"})."""
+
+    def __init__(self, directory: Path) -> None:
+        self.paths = list_images(directory)
+        if not self.paths:
+            raise FileNotFoundError(f"no images under predict_dir {directory}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, str]]:
+        image = read_image(self.paths[index]).float() / 255
+        return image, {"path": str(self.paths[index])}
+
+
+def collate_lists(batch: list) -> tuple[list, list]:
+    """Detection batches stay lists: images differ in size and targets in box count."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class COCODetection(pl.LightningDataModule):
+    """COCO 2017 under ``root`` (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``),
+    or any COCO-format json + image directory via ``train_ann`` / ``train_images`` /
+    ``val_ann`` / ``val_images``.
+
+    Training augmentation (SSD's): photometric distortion, expand (zoom out 1-``zoom_out``x, 4 in
+    the paper's setup), min-IoU random crop, resize to ``image_size``, horizontal flip. Evaluation images keep their size (the model
+    resizes them and maps boxes back).
+
+    ``num_classes`` (categories + background) and ``class_names`` are linked into the model.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train_ann: str | None = None,
+        train_images: str | None = None,
+        val_ann: str | None = None,
+        val_images: str | None = None,
+        image_size: int = 320,
+        zoom_out: float = 4.0,
+        batch_size: int = 32,
+        val_batch_size: int = 8,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        strict: bool = False,
+        predict_dir: str | None = None,
+        demo: bool = False,
+        demo_images: int = 240,
+    ) -> None:
+        super().__init__()
+        if root is None and (train_ann is None or val_ann is None):
+            raise ValueError("give root (COCO 2017 layout) or train_ann/train_images and val_ann/val_images")
+        base = Path(root) if root else None
+        self.train_ann = Path(train_ann) if train_ann else base / "annotations" / "instances_train2017.json"
+        self.train_images = Path(train_images) if train_images else base / "train2017"
+        self.val_ann = Path(val_ann) if val_ann else base / "annotations" / "instances_val2017.json"
+        self.val_images = Path(val_images) if val_images else base / "val2017"
+        self.root = base
+        self.image_size = image_size
+        self.zoom_out = zoom_out
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.strict = strict
+        self.predict_dir = predict_dir
+        self.demo = demo
+        self.demo_images = demo_images
+        if demo:
+            categories = list(DEMO_CATEGORIES)
+        else:
+            if not self.train_ann.is_file():
+                raise FileNotFoundError(
+                    f"annotation file {self.train_ann} does not exist; expected COCO 2017 under {root}: "
+                    "annotations/instances_{train,val}2017.json and {train,val}2017/<image>.jpg, or pass "
+                    "train_ann / train_images / val_ann / val_images"
+                )
+            with open(self.train_ann) as handle:
+                categories = json.load(handle).get("categories", [])
+        self.class_names = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+
+    @property
+    def num_classes(self) -> int:
+        """Categories plus the background class (label 0)."""
+        return len(self.class_names) + 1
+
+    def prepare_data(self) -> None:
+        if self.demo and not self.train_ann.is_file():
+            if self.root is None:
+                raise ValueError("demo needs root: where to generate the demo dataset")
+            make_demo_coco(self.root, self.demo_images, max(16, self.demo_images // 4))
+
+    def train_transform(self) -> v2.Transform:
+        return v2.Compose(
+            [
+                v2.RandomPhotometricDistort(p=0.5),
+                v2.RandomZoomOut(fill={tv_tensors.Image: (124, 116, 104), "others": 0}, side_range=(1.0, self.zoom_out), p=0.5),
+                v2.RandomIoUCrop(),
+                v2.Resize((self.image_size, self.image_size), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.SanitizeBoundingBoxes(labels_getter=lambda inputs: (inputs[1]["labels"], inputs[1]["iscrowd"], inputs[1]["area"])),
+                v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            ]
+        )
+
+    def eval_transform(self) -> v2.Transform:
+        return v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_coco = CocoAnnotations(self.train_ann, self.train_images, self.strict)
+            self._check_categories(self.train_coco)
+            self.train_dataset = CocoImages(self.train_coco, train=True, transform=self.train_transform())
+        if stage in ("fit", "validate", "test"):
+            self.val_coco = CocoAnnotations(self.val_ann, self.val_images, self.strict)
+            self._check_categories(self.val_coco)
+            self.val_dataset = CocoImages(self.val_coco, train=False, transform=self.eval_transform())
+        if stage == "predict":
+            if self.predict_dir is None:
+                raise ValueError("predict needs --data.predict_dir: a directory of images")
+            self.predict_dataset = FolderImages(Path(self.predict_dir))
+
+    def _check_categories(self, coco: CocoAnnotations) -> None:
+        if coco.class_names != self.class_names:
+            raise ValueError(f"{coco.path} has categories {coco.class_names}, the training set {self.class_names}")
+
+    def label_to_category(self) -> dict[int, int]:
+        """Contiguous label -> the dataset's category id, for writing COCO results."""
+        coco = getattr(self, "val_coco", None) or CocoAnnotations(self.val_ann, self.val_images)
+        return coco.label_to_category
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.pin_memory, self.persistent_workers, collate_lists)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, self.val_batch_size, shuffle=False)
+
+
+def make_demo_coco(root: str | os.PathLike, train_images: int = 240, val_images: int = 60, size: int = 160, seed: int = 0) -> Path:
+    """Write a synthetic COCO 2017-layout dataset to ``root``: 2-4 shapes per image (circle, square,
+    triangle; each category with its own hue) on cluttered backgrounds, some images without objects
+    in validation. Written to a scratch directory and renamed."""
+    rng = random.Random(seed)
+
+    def draw_image(objects: int) -> tuple[Image.Image, list[dict]]:
+        noise = np.random.default_rng(rng.randint(0, 2**31)).integers(0, 50, (size, size, 3), dtype=np.uint8)
+        image = Image.fromarray((noise + np.array([rng.randint(40, 180) for _ in range(3)], dtype=np.uint8)).clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(4, 10)):  # clutter
+            x, y, r = rng.randint(0, size), rng.randint(0, size), rng.randint(1, 4)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        boxes = []
+        for _ in range(objects):
+            category = rng.choice(DEMO_CATEGORIES)
+            hue = (category["id"] - 1) / len(DEMO_CATEGORIES) + rng.uniform(-0.04, 0.04)
+            colour = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)))
+            extent = rng.uniform(0.25, 0.5) * size
+            x1, y1 = rng.uniform(0, size - extent), rng.uniform(0, size - extent)
+            x2, y2 = x1 + extent, y1 + extent
+            if category["name"] == "circle":
+                draw.ellipse((x1, y1, x2, y2), fill=colour)
+            elif category["name"] == "square":
+                draw.rectangle((x1, y1, x2, y2), fill=colour)
+            else:
+                draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=colour)
+            boxes.append({"category_id": category["id"], "bbox": [round(x1, 2), round(y1, 2), round(extent, 2), round(extent, 2)]})
+        return image, boxes
+
+    def write(scratch: Path) -> None:
+        (scratch / "annotations").mkdir(parents=True)
+        annotation_id = 1
+        for split, count in (("train", train_images), ("val", val_images)):
+            (scratch / f"{split}2017").mkdir()
+            images, annotations = [], []
+            for index in range(count):
+                empty = split == "val" and index % 10 == 9  # images without objects stay in validation
+                image, boxes = draw_image(0 if empty else rng.randint(2, 4))
+                image_id = index + 1
+                file_name = f"{image_id:012d}.jpg"
+                image.save(scratch / f"{split}2017" / file_name, quality=92)
+                images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+                for box in boxes:
+                    annotations.append({**box, "id": annotation_id, "image_id": image_id, "iscrowd": 0, "area": box["bbox"][2] * box["bbox"][3]})
+                    annotation_id += 1
+            content = {"images": images, "annotations": annotations, "categories": list(DEMO_CATEGORIES)}
+            (scratch / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(content))
+
+    return write_dataset_atomically(root, write)

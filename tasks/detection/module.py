@@ -1,0 +1,248 @@
+"""Object detection with SSDLite-MobileOne as a LightningModule."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.ops import batched_nms, box_iou
+from torchvision.utils import draw_bounding_boxes
+
+from tasks.common.export import atomic_write
+from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, warmup_cosine
+from tasks.detection.coco_eval import CocoEvaluation
+from tasks.detection.ssdlite import SSDRawOutputs, ssdlite_mobileone
+
+log = logging.getLogger(__name__)
+
+COCO_SUMMARY = (
+    ("map", "Average Precision", "0.50:0.95", "all", 100),
+    ("map_50", "Average Precision", "0.50", "all", 100),
+    ("map_75", "Average Precision", "0.75", "all", 100),
+    ("map_small", "Average Precision", "0.50:0.95", "small", 100),
+    ("map_medium", "Average Precision", "0.50:0.95", "medium", 100),
+    ("map_large", "Average Precision", "0.50:0.95", "large", 100),
+    ("mar_1", "Average Recall", "0.50:0.95", "all", 1),
+    ("mar_10", "Average Recall", "0.50:0.95", "all", 10),
+    ("mar_100", "Average Recall", "0.50:0.95", "all", 100),
+    ("mar_small", "Average Recall", "0.50:0.95", "small", 100),
+    ("mar_medium", "Average Recall", "0.50:0.95", "medium", 100),
+    ("mar_large", "Average Recall", "0.50:0.95", "large", 100),
+)
+LOGGED = {"map": "mAP", "map_50": "mAP_50", "map_75": "mAP_75", "map_small": "mAP_small", "map_medium": "mAP_medium", "map_large": "mAP_large"}
+
+
+def coco_table(results: dict[str, torch.Tensor]) -> str:
+    """The 12 lines of pycocotools' ``COCOeval.summarize()``."""
+    lines = []
+    for key, kind, iou, area, max_dets in COCO_SUMMARY:
+        short = "(AP)" if kind.startswith("Average P") else "(AR)"
+        lines.append(f" {kind:<18} {short} @[ IoU={iou:<9} | area={area:>6} | maxDets={max_dets:>3} ] = {float(results[key]):0.3f}")
+    return "\n".join(lines)
+
+
+class ObjectDetectionTask(pl.LightningModule):
+    """SSDLite-MobileOne trained with SSD's loss, evaluated with COCO mAP.
+
+    Args:
+        variant: MobileOne variant of the backbone.
+        num_classes: categories + background (linked from the data).
+        class_names: category names (linked from the data).
+        image_size: network input size (320 in the paper's setup).
+        backbone_weights: ImageNet checkpoint for the backbone (Apple's or one of our classification ``.ckpt``).
+        backbone_kwargs: extra ``mobileone()`` arguments.
+        lr: learning rate for ``reference_batch_size`` images per step (linear scaling).
+        momentum / weight_decay: SGD settings (BN and biases get no weight decay).
+        warmup_iters: linear warm-up steps before the cosine decay.
+        score_thresh / nms_thresh / detections_per_img: post-processing (mmdetection's SSDLite values).
+        channels_last: channels-last memory format (CUDA devices only).
+    """
+
+    def __init__(
+        self,
+        variant: str = "s2",
+        num_classes: int = 81,
+        class_names: list[str] | None = None,
+        image_size: int = 320,
+        backbone_weights: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        lr: float = 0.015,
+        reference_batch_size: int = 192,
+        momentum: float = 0.9,
+        weight_decay: float = 4e-5,
+        warmup_iters: int = 500,
+        score_thresh: float = 0.02,
+        nms_thresh: float = 0.45,
+        detections_per_img: int = 200,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = ssdlite_mobileone(
+            variant, num_classes, image_size, backbone_weights, backbone_kwargs,
+            score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+        )
+        self.val_map = CocoEvaluation()
+
+    @property
+    def uses_channels_last(self) -> bool:
+        return self.hparams.channels_last and self.device.type == "cuda"
+
+    def on_fit_start(self) -> None:
+        if self.uses_channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
+        return self.model(images, targets)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self.model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        loss = losses["bbox_regression"] + losses["classification"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log("train/loss_box", losses["bbox_regression"], batch_size=len(images))
+        self.log("train/loss_cls", losses["classification"], batch_size=len(images))
+        return loss
+
+    def _evaluate(self, batch: Any) -> None:
+        images, targets = batch
+        detections = self.model(images)
+        self.val_map.update(
+            [{k: d[k] for k in ("boxes", "scores", "labels")} for d in detections],
+            [{k: t[k] for k in ("boxes", "labels", "iscrowd", "area", "image_id")} for t in targets],
+        )
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _log_epoch(self, prefix: str) -> None:
+        results = self.val_map.compute()
+        self.val_map.reset()
+        for key, name in LOGGED.items():
+            self.log(f"{prefix}/{name}", float(results[key]), prog_bar=key == "map")
+        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            print(coco_table(results))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+        images, infos = batch
+        detections = self.model(images)
+        return [{"path": info["path"], **{k: v.cpu() for k, v in d.items()}} for info, d in zip(infos, detections)]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainer = self.trainer
+        global_batch = global_batch_size(trainer, self.hparams.reference_batch_size)
+        lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
+        optimizer = torch.optim.SGD(parameter_groups(self.model, self.hparams.weight_decay), lr=lr, momentum=self.hparams.momentum)
+        total_steps = int(trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, min(self.hparams.warmup_iters, total_steps // 2)))
+        log.info("SGD lr %.4g for a global batch of %d", lr, global_batch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # export (see tasks.common.cli.export_task)
+    def export_network(self) -> nn.Module:
+        return SSDRawOutputs(self.model, self.hparams.image_size)
+
+    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 8) -> torch.Tensor:
+        if datamodule is None:
+            raise ValueError("export checks the fused model on real validation images: it needs the data config")
+        datamodule.setup("validate")
+        images: list[torch.Tensor] = []
+        for batch_images, _ in datamodule.val_dataloader():
+            images.extend(batch_images)
+            if len(images) >= count:
+                break
+        size = (self.hparams.image_size, self.hparams.image_size)
+        mean = torch.tensor(self.model.transform.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.model.transform.image_std).view(3, 1, 1)
+        resized = [F.interpolate(i[None], size=size, mode="bilinear", align_corners=False)[0] for i in images[:count]]
+        return torch.stack([(i - mean) / std for i in resized])
+
+    def export_agreement(self, fused: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]) -> float:
+        """Fraction of the trained model's detections (after NMS, score >= 0.3) that the fused model
+        reproduces: same class, box IoU >= 0.99, score within 1e-3."""
+        matched = total = 0
+        for (boxes_f, scores_f), (boxes_r, scores_r) in zip(zip(*fused), zip(*reference)):
+            kept_f, kept_r = self._postprocess(boxes_f, scores_f), self._postprocess(boxes_r, scores_r)
+            total += len(kept_r[0])
+            if len(kept_r[0]) and len(kept_f[0]):
+                iou = box_iou(kept_r[0], kept_f[0])
+                same = (kept_r[2][:, None] == kept_f[2][None]) & (iou >= 0.99) & ((kept_r[1][:, None] - kept_f[1][None]).abs() <= 1e-3)
+                matched += int(same.any(1).sum())
+        return matched / total if total else 1.0
+
+    def _postprocess(self, boxes: torch.Tensor, scores: torch.Tensor, threshold: float = 0.3) -> tuple[torch.Tensor, ...]:
+        anchor, label = (scores[:, 1:] >= threshold).nonzero(as_tuple=True)
+        label = label + 1
+        box, score = boxes[anchor], scores[anchor, label]
+        keep = batched_nms(box, score, label, self.hparams.nms_thresh)
+        return box[keep], score[keep], label[keep]
+
+    def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
+        return {
+            "task": "detection",
+            "architecture": f"ssdlite_mobileone_{self.hparams.variant}",
+            "image_size": self.hparams.image_size,
+            "class_names": ["background", *(self.hparams.class_names or [])],
+            "category_ids": {str(k): v for k, v in datamodule.label_to_category().items()} if datamodule is not None else None,
+            "mean": list(self.model.transform.image_mean),
+            "std": list(self.model.transform.image_std),
+            "input": f"images: float32 (N, 3, {self.hparams.image_size}, {self.hparams.image_size}): the image resized "
+            "(bilinear) to that size, RGB scaled to [0, 1], then (x - mean) / std",
+            "outputs": "boxes: (N, A, 4) x1 y1 x2 y2 in input pixels; scores: (N, A, num_classes) softmax, column 0 = background",
+            "post_processing": f"per class c >= 1: keep anchors with score >= {self.hparams.score_thresh}, at most 1000 per class, "
+            f"NMS at IoU {self.hparams.nms_thresh}; keep the {self.hparams.detections_per_img} best over all classes; "
+            "scale boxes by (original width / image_size, original height / image_size)",
+        }
+
+
+class DetectionWriter(pl.callbacks.BasePredictionWriter):
+    """Write ``predict``'s detections as a COCO-style results json (``detections.json``: file name,
+    category id, bbox x y w h, score) and images with the boxes drawn (``<stem>.jpg``) into ``output_dir``."""
+
+    def __init__(self, output_dir: str = "predictions", score_threshold: float = 0.3) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+        self.score_threshold = score_threshold
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        label_to_category = trainer.datamodule.label_to_category() if trainer.datamodule is not None else {}
+        names = ["background", *(pl_module.hparams.class_names or [])]
+        results = []
+        for item in (row for batch in predictions for row in batch):
+            for box, score, label in zip(item["boxes"].tolist(), item["scores"].tolist(), item["labels"].tolist()):
+                results.append({
+                    "file_name": Path(item["path"]).name,
+                    "category_id": label_to_category.get(label, label),
+                    "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
+                    "score": round(score, 5),
+                })
+            keep = item["scores"] >= self.score_threshold
+            with Image.open(item["path"]) as original:
+                image = torch.from_numpy(np.asarray(original.convert("RGB")).copy()).permute(2, 0, 1)
+            labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(item["labels"][keep], item["scores"][keep])]
+            drawn = draw_bounding_boxes(image, item["boxes"][keep], labels=labels, colors="red", width=2)
+            buffer = io.BytesIO()
+            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=92)
+            stem = Path(item["path"]).stem
+            atomic_write(Path(self.output_dir) / f"{stem}.jpg", lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
+        content = json.dumps(results)
+        atomic_write(Path(self.output_dir) / "detections.json", lambda p: Path(p).write_text(content))
+        log.info("wrote %d detections for %d images to %s", len(results), len(predictions), self.output_dir)
