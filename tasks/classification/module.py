@@ -14,12 +14,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import MobileOne, load_checkpoint, mobileone, read_state_dict
 from tasks.common.export import atomic_write
+from tasks.common.module import ChannelsLastMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, warmup_cosine
 
 log = logging.getLogger(__name__)
 
 
-class ImageClassificationTask(pl.LightningModule):
+class ImageClassificationTask(ChannelsLastMixin, pl.LightningModule):
     """MobileOne classifier trained with the paper's recipe (SGD, cosine, label smoothing).
 
     Args:
@@ -83,22 +84,10 @@ class ImageClassificationTask(pl.LightningModule):
         report = load_checkpoint(self.network, state_dict, ignore_classifier=mismatched)
         log.info("loaded weights from %s%s", source, f" (left out: {len(report.dropped)} keys)" if report.dropped else "")
 
-    @property
-    def uses_channels_last(self) -> bool:
-        # CUDA only: on CPU (torch 2.14.1, oneDNN) the backward of the stem's 1x1 stride-2 conv in
-        # channels-last corrupts the heap ("corrupted size vs. prev_size"), and CPUs gain nothing from it.
-        return self.hparams.channels_last and self.device.type == "cuda"
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.uses_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.network(images)
-
-    def on_fit_start(self) -> None:
-        if self.uses_channels_last:
-            self.to(memory_format=torch.channels_last)
-        elif self.hparams.channels_last:
-            log.warning("channels_last is applied on CUDA devices only; training in contiguous format on %s", self.device)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every sample of the batch was an unreadable image (skip_corrupt)

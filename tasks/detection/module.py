@@ -18,6 +18,7 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.utils import draw_bounding_boxes
 
 from tasks.common.export import atomic_write
+from tasks.common.module import ChannelsLastMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, warmup_cosine
 from tasks.detection.coco_eval import CocoEvaluation
 from tasks.detection.ssdlite import SSDRawOutputs, ssdlite_mobileone
@@ -50,7 +51,7 @@ def coco_table(results: dict[str, torch.Tensor]) -> str:
     return "\n".join(lines)
 
 
-class ObjectDetectionTask(pl.LightningModule):
+class ObjectDetectionTask(ChannelsLastMixin, pl.LightningModule):
     """SSDLite-MobileOne trained with SSD's loss, evaluated with COCO mAP.
 
     Args:
@@ -92,14 +93,6 @@ class ObjectDetectionTask(pl.LightningModule):
             score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
         )
         self.val_map = CocoEvaluation()
-
-    @property
-    def uses_channels_last(self) -> bool:
-        return self.hparams.channels_last and self.device.type == "cuda"
-
-    def on_fit_start(self) -> None:
-        if self.uses_channels_last:
-            self.to(memory_format=torch.channels_last)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         return self.model(images, targets)

@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tasks.common.export import atomic_write
+from tasks.common.module import ChannelsLastMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate
 from tasks.segmentation.data import voc_palette
 from tasks.segmentation.deeplabv3 import DeepLabV3, DeepLabV3Logits
@@ -49,7 +50,7 @@ def poly_schedule(total_steps: int, power: float, warmup_steps: int = 0) -> Any:
     return factor
 
 
-class SemanticSegmentationTask(pl.LightningModule):
+class SemanticSegmentationTask(ChannelsLastMixin, pl.LightningModule):
     """DeepLabV3-MobileOne trained with cross-entropy (+ auxiliary FCN loss), evaluated by mIoU.
 
     Args:
@@ -97,19 +98,10 @@ class SemanticSegmentationTask(pl.LightningModule):
         )
         self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
 
-    @property
-    def uses_channels_last(self) -> bool:
-        # CUDA only: see ImageClassificationTask (oneDNN channels-last conv backward crashes on CPU).
-        return self.hparams.channels_last and self.device.type == "cuda"
-
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.uses_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
-
-    def on_fit_start(self) -> None:
-        if self.uses_channels_last:
-            self.to(memory_format=torch.channels_last)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, masks = batch
