@@ -1,5 +1,6 @@
 """MobileOne backbone: network, reparameterization and checkpoint I/O. Imports only torch."""
 
+from backbones.export import fold_batchnorm_, fuse_for_deployment, to_onnx_bytes
 from backbones.checkpoint import CheckpointMismatchError, LoadReport, describe_state_dict, load_checkpoint, read_state_dict
 from backbones.network import (
     VARIANTS,
@@ -20,8 +21,11 @@ __all__ = [
     "MobileOneBlock",
     "SEBlock",
     "describe_state_dict",
+    "fold_batchnorm_",
+    "fuse_for_deployment",
     "load_checkpoint",
     "mobileone",
     "read_state_dict",
     "reparameterize_model",
+    "to_onnx_bytes",
 ]

@@ -116,13 +116,12 @@ def test_export_matches_detections(coco_root, trained, tmp_path):
 
 def test_detector_fuses_exactly_in_float64():
     """Reparameterized backbone + folded conv-BN pairs of neck and head = the same function."""
-    from backbones import reparameterize_model
+    from backbones.export import fuse_for_deployment
     from backbones.testing import randomize_batchnorm, relative_error
-    from tasks.common.export import fold_batchnorm_
     from tasks.detection.ssdlite import SSDRawOutputs
 
     network = SSDRawOutputs(randomize_batchnorm(ssdlite_mobileone("s1", num_classes=5, image_size=128)).eval(), 128).double()
-    fused = fold_batchnorm_(reparameterize_model(network))
+    fused = fuse_for_deployment(network)
     assert not [m for m in fused.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     x = torch.randn(2, 3, 128, 128, dtype=torch.float64)
     with torch.no_grad():

@@ -62,3 +62,29 @@ def test_onnx_export_of_dilated_feature_extractor(tmp_path):
     assert [o.shape for o in outputs] == [tuple(e.shape) for e in expected] == [(1, 512, 8, 8), (1, 1280, 8, 8)]
     for actual, reference in zip(outputs, expected):
         assert relative_error(torch.from_numpy(actual), reference) < 1e-5
+
+
+def test_onnx_graph_check_refuses_unfused_models():
+    """``to_onnx_bytes`` rejects graphs with BatchNorm / Dropout / Identity; ``fuse_for_deployment``
+    removes them all, a conv-BN head included, and keeps the function."""
+    from backbones import fuse_for_deployment, to_onnx_bytes
+
+    head = torch.nn.Sequential(torch.nn.Conv2d(1024, 8, 1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Dropout(0.1))
+    model = randomize_batchnorm(torch.nn.Sequential(mobileone("s0", out_indices=(4,)), _First(), head)).eval()
+    with pytest.raises(ValueError, match=r"BatchNormalization"):
+        to_onnx_bytes(model, torch.randn(1, 3, 64, 64))
+    fused = fuse_for_deployment(model)
+    assert not [m for m in fused.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    content = to_onnx_bytes(fused, torch.randn(1, 3, 64, 64))
+    assert not {node.op_type for node in onnx.load_from_string(content).graph.node} & {"BatchNormalization", "Identity", "Dropout"}
+    session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model(x)) < 1e-5
+
+
+class _First(torch.nn.Module):
+    """Take the single feature map out of a feature extractor's list."""
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return features[0]

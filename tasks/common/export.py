@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from backbones import reparameterize_model
+from backbones.export import fuse_for_deployment, to_onnx_bytes
 from backbones.testing import relative_error
 
 log = logging.getLogger(__name__)
@@ -62,19 +61,6 @@ def _argmax_agreement(actual: Any, expected: Any) -> float:
     return same / max(1, total)
 
 
-def fold_batchnorm_(module: nn.Module) -> nn.Module:
-    """In place: fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` inside an
-    ``nn.Sequential`` (conv-BN-ReLU blocks of heads) into the conv; the BN becomes ``nn.Identity``."""
-    for sequential in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        names = list(sequential._modules)
-        for first, second in zip(names, names[1:]):
-            conv, bn = sequential._modules[first], sequential._modules[second]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                sequential._modules[first] = fuse_conv_bn_eval(conv, bn)
-                sequential._modules[second] = nn.Identity()
-    return module
-
-
 def export_network(
     network: nn.Module,
     example_inputs: torch.Tensor,
@@ -101,7 +87,7 @@ def export_network(
     """
     network = copy.deepcopy(network).eval().cpu().float()
     example_inputs = example_inputs.cpu().float()
-    fused = fold_batchnorm_(reparameterize_model(network))
+    fused = fuse_for_deployment(network)
     with torch.no_grad():
         reference = network(example_inputs)
         fused_output = fused(example_inputs)
@@ -144,24 +130,7 @@ def _onnx_export(
 ) -> tuple[bytes, float]:
     import onnxruntime
 
-    dynamic = {0: torch.export.Dim("batch", min=1)}
-    if dynamic_image_size:
-        dynamic.update({2: torch.export.Dim("height", min=32), 3: torch.export.Dim("width", min=32)})
-
-    with tempfile.TemporaryDirectory() as scratch:
-        path = os.path.join(scratch, ONNX_FILE)
-        torch.onnx.export(
-            fused,
-            (example_inputs[:1],),
-            path,
-            dynamo=True,
-            opset_version=18,
-            input_names=["images"],
-            dynamic_shapes=(dynamic,),
-            external_data=False,
-            verbose=False,
-        )
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        actual = session.run(None, {session.get_inputs()[0].name: example_inputs.numpy()})
-        error = _worst_error([torch.from_numpy(a) for a in actual], expected)
-        return Path(path).read_bytes(), error
+    content = to_onnx_bytes(fused, example_inputs, dynamic_image_size)
+    session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
+    actual = session.run(None, {session.get_inputs()[0].name: example_inputs.numpy()})
+    return content, _worst_error([torch.from_numpy(a) for a in actual], expected)
