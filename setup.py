@@ -23,5 +23,6 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7"],
+        "bench": ["timm>=1.0"],  # timm's MobileOne as a peer in benchmarks/latency.py
     },
 )

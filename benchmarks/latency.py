@@ -2,6 +2,9 @@
 
     python -m benchmarks.latency [--variants s0 s1] [--rounds 30] [--csv latency.csv]
 
+Peers: torchvision's MobileNetV2 / V3-Large / EfficientNet-B0 and, when timm is installed,
+timm's reparameterized ``mobileone_sX`` of the same variants.
+
 Backends: PyTorch eager (fp32, contiguous) and ONNX Runtime on the CPU with 1 thread (a proxy
 for one mobile core) and with all threads. The models are timed interleaved (A B C A B C ...)
 after a warm-up, so that a noisy shared machine slows all of them alike; the table gives the
@@ -38,6 +41,13 @@ def models(variants: list[str]) -> dict[str, torch.nn.Module]:
         built[f"mobileone_{variant} (unfused)"] = unfused
     for name in PEERS:
         built[name] = getattr(torchvision.models, name)().eval()
+    try:  # timm's MobileOne, the other public implementation (optional: pip install timm)
+        import timm
+        from timm.utils import reparameterize_model as timm_reparameterize
+    except ImportError:
+        return built
+    for variant in variants:
+        built[f"timm mobileone_{variant} (fused)"] = timm_reparameterize(timm.create_model(f"mobileone_{variant}").eval())
     return built
 
 
