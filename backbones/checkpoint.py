@@ -85,9 +85,10 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor], source: str, prefix: str 
 
 def _read_state_dict(
     checkpoint: str | os.PathLike | Mapping, prefix: str | None, weights_only: bool
-) -> tuple[dict[str, torch.Tensor], str]:
+) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(state dict, stripped prefix, a name of the source for messages)."""
     raw, source = _read(checkpoint, weights_only)
-    return _strip_prefix(_unwrap(raw, source), source, prefix)
+    return (*_strip_prefix(_unwrap(raw, source), source, prefix), source)
 
 
 def read_state_dict(
@@ -165,8 +166,7 @@ def load_checkpoint(
     too. Anything else that does not fit raises :class:`CheckpointMismatchError` listing missing,
     unexpected and wrongly shaped keys and saying which variant and form the file looks like.
     """
-    source = "<state dict>" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
-    state_dict, prefix = _read_state_dict(checkpoint, prefix, weights_only)
+    state_dict, prefix, source = _read_state_dict(checkpoint, prefix, weights_only)
 
     if ignore_classifier is None:
         ignore_classifier = getattr(model, "out_indices", None) is not None
