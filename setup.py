@@ -23,6 +23,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7"],
-        "bench": ["timm>=1.0"],  # timm's MobileOne as a peer in benchmarks/latency.py
+        "bench": ["timm>=1.0", "matplotlib>=3.7"],  # timm's MobileOne as a peer; the latency plot
+        "coreml": ["coremltools>=8.0"],  # backbones.export.to_coreml (conversion runs on Linux, prediction does not)
     },
 )
