@@ -1,6 +1,10 @@
-"""benchmarks/: the inference form reproduces the paper's MAC counts; the latency script runs."""
+"""benchmarks/: the inference form reproduces the paper's MAC counts; the latency and training
+throughput scripts measure what their rows say and write their tables, CSV and plot."""
+
+import csv
 
 import pytest
+import torch
 
 from backbones import mobileone
 from benchmarks.size import PAPER_MACS_M, macs
@@ -17,12 +21,81 @@ def test_train_form_costs_more_and_fusing_removes_it():
     assert train > 3.5 * fused, "S0's 4 conv branches + scale branches cost ~3.8x at train time"
 
 
-@pytest.mark.slow
-def test_latency_benchmark_runs_and_reports_every_backend():
-    from benchmarks.latency import markdown, measure
+def test_backend_names_parse_into_what_they_say():
+    from benchmarks.latency import Backend
 
-    rows = measure(["s0"], rounds=2, warmup=1, threads=1)
-    assert {"pytorch eager", "onnxruntime 1 thread"} <= {r["backend"] for r in rows}
-    assert {r["model"] for r in rows} >= {"mobileone_s0 (fused)", "mobileone_s0 (unfused)", "mobilenet_v2"}
-    assert all(r["median_ms"] > 0 for r in rows)
-    assert "mobileone_s0 (fused)" in markdown(rows, "vs mobileone_s0 fused")
+    compiled = Backend.parse("compile-bf16", "cuda", 4)
+    assert (compiled.kind, compiled.dtype, compiled.channels_last) == ("compile", torch.bfloat16, True)
+    assert compiled.label == "torch.compile bf16 channels_last"
+    assert Backend.parse("eager-cl", "cpu", 2).channels_last
+    assert not Backend.parse("eager-fp16", "cpu", 2).channels_last, "channels_last is implied for half precision on CUDA only"
+    assert Backend.parse("ort", "cpu", 2).label == "onnxruntime 2 threads"
+    assert Backend.parse("ort-1", "cpu", 2).label == "onnxruntime 1 thread"
+    with pytest.raises(ValueError, match="eager-int8"):
+        Backend.parse("eager-int8", "cpu", 2)
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        Backend.parse("ort-1", "cuda", 2)
+
+
+def test_latency_rows_tables_csv_and_plot(tmp_path):
+    from benchmarks.latency import markdown, measure, plot, write_csv
+
+    rows = measure(["s0"], ["eager", "ort-1"], batch_sizes=[1, 2], rounds=3, warmup=1, threads=1, peers=False)
+    assert {(r["model"], r["backend"], r["batch"]) for r in rows} == {
+        (m, b, n) for m in ("mobileone_s0 (fused)", "mobileone_s0 (unfused)")
+        for b in ("eager fp32", "onnxruntime 1 thread") for n in (1, 2)
+    }
+    for row in rows:
+        assert row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]
+        assert row["images_per_s"] == pytest.approx(row["batch"] / row["median_ms"] * 1e3)
+        assert row["top1"] == 71.4
+        if row["model"] == "mobileone_s0 (fused)":
+            assert row["ratio"] == 1.0
+
+    table = markdown(rows, "mobileone_s0 (fused)")
+    assert "Batch 1," in table and "Batch 2," in table and "images/s" in table
+    assert table.count("| mobileone_s0 (unfused) |") == 2
+
+    write_csv(rows, tmp_path / "latency.csv")
+    with open(tmp_path / "latency.csv", newline="") as handle:
+        read = list(csv.DictReader(handle))
+    assert len(read) == len(rows) and float(read[0]["median_ms"]) == pytest.approx(rows[0]["median_ms"])
+
+    plot(rows, str(tmp_path / "figure1.png"), "onnxruntime 1 thread", "test")
+    assert (tmp_path / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure1.png", "latency.csv"], "no temporary files left"
+    with pytest.raises(SystemExit, match="no batch-1 rows"):
+        plot(rows, str(tmp_path / "other.png"), "torch.compile fp32", "test")
+
+
+def test_latency_peers_are_torchvision_and_timm_with_documented_top1():
+    from benchmarks.latency import models, top1
+
+    names = set(models(["s0", "s1"], unfused="none"))
+    assert names == {"mobileone_s0 (fused)", "mobileone_s1 (fused)", "mobilenet_v2", "mobilenet_v3_large",
+                     "efficientnet_b0", "timm mobileone_s0 (fused)", "timm mobileone_s1 (fused)"}
+    assert top1("mobilenet_v2") == 72.154 and top1("mobileone_s1 (unfused)") == 75.9
+    assert top1("timm mobileone_s0 (fused)") is None
+
+
+def test_train_throughput_rows_and_timm_ratio():
+    from benchmarks.train_throughput import markdown, measure
+
+    rows = measure(["s0"], batch_sizes=[2], precisions=["fp32", "bf16"], steps=2, warmup=1)
+    assert {(r["model"], r["precision"]) for r in rows} == {
+        (m, p) for m in ("mobileone_s0", "timm mobileone_s0", "mobilenet_v2") for p in ("fp32", "bf16")
+    }
+    by_name = {(r["model"], r["precision"]): r for r in rows}
+    assert by_name["mobileone_s0", "fp32"]["vs ours"] == 1.0
+    timm_row = by_name["timm mobileone_s0", "bf16"]
+    assert timm_row["vs ours"] == pytest.approx(timm_row["median_ms"] / by_name["mobileone_s0", "bf16"]["median_ms"])
+    assert by_name["mobilenet_v2", "fp32"]["vs ours"] is None
+    assert "× ours" in markdown(rows) and "eager bf16" in markdown(rows)
+
+
+@pytest.mark.slow
+def test_compiled_backend_matches_eager_rows():
+    from benchmarks.latency import measure
+
+    rows = measure(["s0"], ["compile"], rounds=2, warmup=1, threads=1, unfused="none", peers=False)
+    assert [(r["model"], r["backend"]) for r in rows] == [("mobileone_s0 (fused)", "torch.compile fp32")]
