@@ -1,6 +1,6 @@
 """MobileOne backbone: network, reparameterization and checkpoint I/O. Imports only torch."""
 
-from backbones.export import fold_batchnorm_, fuse_for_deployment, to_onnx_bytes
+from backbones.export import coreml_op_types, fold_batchnorm_, fuse_for_deployment, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript
 from backbones.checkpoint import CheckpointMismatchError, LoadReport, describe_state_dict, load_checkpoint, read_state_dict
 from backbones.network import (
     VARIANTS,
@@ -20,6 +20,7 @@ __all__ = [
     "MobileOne",
     "MobileOneBlock",
     "SEBlock",
+    "coreml_op_types",
     "describe_state_dict",
     "fold_batchnorm_",
     "fuse_for_deployment",
@@ -27,5 +28,8 @@ __all__ = [
     "mobileone",
     "read_state_dict",
     "reparameterize_model",
+    "save_mlpackage",
+    "to_coreml",
     "to_onnx_bytes",
+    "to_torchscript",
 ]

@@ -1,4 +1,8 @@
-"""The fused model traces and exports to ONNX, and the exported graphs compute the same function."""
+"""The fused model traces and exports to ONNX, and the exported graphs compute the same function.
+
+CoreML conversion is tested in test_coreml.py (needs the optional coremltools)."""
+
+from pathlib import Path
 
 import onnx
 import onnxruntime
@@ -16,15 +20,111 @@ def fused_s0():
 
 
 def test_torchscript_trace_of_fused_model(fused_s0, tmp_path):
-    traced = torch.jit.trace(fused_s0, torch.randn(1, 3, 64, 64))
+    from backbones import to_torchscript
+
+    traced = to_torchscript(fused_s0, torch.randn(2, 3, 64, 64))
     path = tmp_path / "s0.pt"
     traced.save(str(path))
     loaded = torch.jit.load(str(path))
-    x = torch.randn(3, 3, 96, 80)
+    x = torch.randn(3, 3, 96, 80)  # another batch and image size than traced
     with torch.no_grad():
         assert relative_error(loaded(x), fused_s0(x)) < 1e-6
     kinds = {node.kind() for node in traced.inlined_graph.nodes()}
     assert "aten::batch_norm" not in kinds and "aten::_convolution" in kinds
+    frozen = to_torchscript(fused_s0, torch.randn(1, 3, 64, 64), freeze=True)
+    with torch.no_grad():
+        assert relative_error(frozen(x), fused_s0(x)) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python integer")
+def test_torchscript_refuses_unfused_models_and_baked_batch_sizes():
+    from backbones import fuse_for_deployment, to_torchscript
+
+    unfused = randomize_batchnorm(mobileone("s0", num_classes=10)).eval()
+    with pytest.raises(ValueError, match=r"aten::batch_norm.*fuse_for_deployment"):
+        to_torchscript(unfused, torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"output shapes"):
+        to_torchscript(_BakedBatch(), torch.randn(1, 3, 8, 8))
+    # a head's conv-BN pair is folded by fuse_for_deployment, then the trace passes
+    head = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    randomize_batchnorm(head)
+    with pytest.raises(ValueError, match=r"batch_norm"):
+        to_torchscript(head.eval(), torch.randn(1, 3, 8, 8))
+    to_torchscript(fuse_for_deployment(head), torch.randn(1, 3, 8, 8), dynamic_image_size=True)
+
+
+class _BakedBatch(torch.nn.Module):
+    """Turns the batch size into a Python int: a trace at batch 1 keeps 1 forever."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)).reshape(int(x.shape[0]), -1)
+
+
+def test_export_network_checks_torchscript_before_writing(tmp_path, monkeypatch):
+    """The trace's error is measured and recorded; above the tolerance nothing is written."""
+    import json
+
+    import tasks.common.export as export
+
+    network = randomize_batchnorm(mobileone("s0", num_classes=4))
+    x = torch.randn(2, 3, 32, 32)
+    result = export.export_network(network, x, tmp_path / "ok", {"task": "test"}, onnx=False, torchscript=True)
+    assert result["torchscript_vs_pytorch_relative_error"] < 1e-6
+    metadata = json.loads((tmp_path / "ok" / "model.json").read_text())
+    assert metadata["torchscript_vs_pytorch_relative_error"] == result["torchscript_vs_pytorch_relative_error"]
+    assert metadata["files"] == ["model_fused.pt", "model_fused.torchscript.pt"]
+    loaded = torch.jit.load(str(tmp_path / "ok" / "model_fused.torchscript.pt"))
+    with torch.no_grad():
+        assert relative_error(loaded(torch.cat([x, x])), reparameterize_model(network)(torch.cat([x, x]))) < 1e-5
+
+    class Perturbed(torch.nn.Module):
+        def __init__(self, traced):
+            super().__init__()
+            self.traced = traced
+
+        def forward(self, x):
+            return self.traced(x) * 1.001
+
+    real = export.to_torchscript
+    monkeypatch.setattr(export, "to_torchscript", lambda *a, **k: Perturbed(real(*a, **k)))
+    with pytest.raises(RuntimeError, match=r"TorchScript.*1\.000e-03 > 1e-05.*nothing was written"):
+        export.export_network(network, x, tmp_path / "bad", {}, onnx=True, torchscript=True)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_export_cli_writes_torchscript(tmp_path):
+    """``export --torchscript true`` through the classification CLI (untrained weights: no checkpoint)."""
+    import json
+
+    from tasks.classification.__main__ import main
+    from tasks.classification.data import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "shapes", train_per_class=2, val_per_class=2, size=40)
+    out = tmp_path / "exported"
+    config = str(Path(__file__).parent / "configs" / "classification.yaml")
+    main(["export", "--config", config, "--data.root", str(root), "--trainer.default_root_dir", str(tmp_path),
+          "--output", str(out), "--onnx", "false", "--torchscript", "true"])
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model_fused.pt", "model_fused.torchscript.pt"]
+    assert json.loads((out / "model.json").read_text())["torchscript_vs_pytorch_relative_error"] < 1e-5
+
+
+def test_coreml_needs_the_extra_and_a_fixed_size(monkeypatch, tmp_path):
+    """Without coremltools: an ImportError that says what to install; a network that takes any
+    image size needs ``coreml_image_size``. Both before anything is written."""
+    import sys
+
+    from backbones import fuse_for_deployment, to_coreml
+    from tasks.common.export import export_network
+
+    network = randomize_batchnorm(mobileone("s0", num_classes=4))
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # makes ``import coremltools`` fail
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[coreml\]"'):
+        to_coreml(fuse_for_deployment(network), torch.randn(1, 3, 32, 32))
+    with pytest.raises(ImportError, match=r"coreml"):
+        export_network(network, torch.randn(2, 3, 32, 32), tmp_path / "a", {}, onnx=False, coreml=True)
+    with pytest.raises(ValueError, match=r"coreml_image_size"):
+        export_network(network, torch.randn(2, 3, 32, 32), tmp_path / "b", {}, onnx=False, coreml=True, dynamic_image_size=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_onnx_export_of_fused_model_runs_in_onnxruntime(fused_s0, tmp_path):

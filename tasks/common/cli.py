@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,6 +22,10 @@ def export_task(
     onnx: bool = True,
     torchscript: bool = False,
     tolerance: float = 1e-5,
+    coreml: bool = False,
+    coreml_precision: Literal["float16", "float32"] = "float16",
+    coreml_image_input: bool = False,
+    coreml_image_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s network in inference form, checked on real validation inputs.
 
@@ -29,13 +33,19 @@ def export_task(
     preprocessed validation images) and ``export_metadata(datamodule)`` (what a deployment needs:
     classes, image size, normalization, ...), and may set ``export_dynamic_image_size`` to give
     the ONNX file dynamic height and width, and ``export_agreement(fused, trained)`` to measure
-    how often the fused model's predictions match (default: equal argmax over dim 1).
+    how often the fused model's predictions match (default: equal argmax over dim 1), and
+    ``export_output_names`` (names of the network's outputs in the CoreML program).
     """
     inputs = model.export_inputs(datamodule)
     result = export_network(
         model.export_network(), inputs, output, model.export_metadata(datamodule), onnx, torchscript, tolerance,
         dynamic_image_size=getattr(model, "export_dynamic_image_size", False),
         agreement=getattr(model, "export_agreement", None),
+        coreml=coreml,
+        coreml_precision=coreml_precision,
+        coreml_image_input=coreml_image_input,
+        coreml_image_size=coreml_image_size,
+        output_names=getattr(model, "export_output_names", None),
     )
     lines = [f"exported to {output}:"]
     lines += [f"  {name}: {path}" for name, path in sorted(result["files"].items())]
@@ -57,8 +67,13 @@ class TaskTrainer(pl.Trainer):
         onnx: bool = True,
         torchscript: bool = False,
         tolerance: float = 1e-5,
+        coreml: bool = False,
+        coreml_precision: Literal["float16", "float32"] = "float16",
+        coreml_image_input: bool = False,
+        coreml_image_size: int | tuple[int, int] | None = None,
     ) -> dict[str, Any]:
-        """Reparameterize a trained model, check it, and write its inference-form weights and ONNX.
+        """Reparameterize a trained model, check it, and write its inference-form weights and ONNX
+        (and, on request, TorchScript and CoreML).
 
         Args:
             model: the task module (its weights come from ``ckpt_path`` when given).
@@ -67,8 +82,15 @@ class TaskTrainer(pl.Trainer):
                 averaged weights, which are the ones exported.
             output: directory for ``model_fused.pt``, ``model.json``, ``model.onnx``.
             onnx: also write and check ``model.onnx`` (onnxruntime).
-            torchscript: also write a TorchScript trace.
-            tolerance: largest accepted relative error, fused vs unfused and ONNX vs PyTorch.
+            torchscript: also write ``model_fused.torchscript.pt``, a trace checked against PyTorch.
+            tolerance: largest accepted relative error, fused vs unfused, ONNX and TorchScript vs PyTorch.
+            coreml: also write ``model.mlpackage``, a CoreML ML program (needs ``pip install -e ".[coreml]"``;
+                batch 1 at the checked images' size; checked for structure only, CoreML runs on macOS).
+            coreml_precision: the ML program's compute precision (float16 runs on the Neural Engine).
+            coreml_image_input: make the CoreML input an RGB image (pixels 0-255, normalized inside
+                the model) instead of a normalized float32 tensor.
+            coreml_image_size: the CoreML input's fixed size, ``S`` or ``[H, W]`` (default: the size of
+                the checked images; required for segmentation, whose other exports take any size).
         """
         if ckpt_path is not None:
             if not os.path.isfile(ckpt_path):
@@ -77,7 +99,11 @@ class TaskTrainer(pl.Trainer):
             if "state_dict" not in checkpoint:
                 raise ValueError(f"{ckpt_path!r} is not a Lightning checkpoint (no 'state_dict' key)")
             model.load_state_dict(checkpoint["state_dict"])
-        return export_task(model, datamodule, output, onnx, torchscript, tolerance)
+        return export_task(
+            model, datamodule, output, onnx, torchscript, tolerance,
+            coreml=coreml, coreml_precision=coreml_precision, coreml_image_input=coreml_image_input,
+            coreml_image_size=coreml_image_size,
+        )
 
 
 class TaskCLI(LightningCLI):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbones.export import fuse_for_deployment, to_onnx_bytes
+from backbones.export import coreml_op_types, fuse_for_deployment, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript
 from backbones.testing import relative_error
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,8 @@ FUSED_WEIGHTS = "model_fused.pt"
 METADATA = "model.json"
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model_fused.torchscript.pt"
+COREML_FILE = "model.mlpackage"
+COREML_TARGET = "iOS16"  # minimum deployment target of model.mlpackage (macOS 13 and the like; iPhone 8 and newer)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -71,6 +73,11 @@ def export_network(
     tolerance: float = 1e-5,
     dynamic_image_size: bool = False,
     agreement: Callable[[Any, Any], float] | None = None,
+    coreml: bool = False,
+    coreml_precision: str = "float16",
+    coreml_image_input: bool = False,
+    coreml_image_size: int | tuple[int, int] | None = None,
+    output_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Fuse ``network`` and write it to ``output_dir``; return what was written and the measured errors.
 
@@ -80,10 +87,16 @@ def export_network(
     matched detections), else the fraction of equal ``argmax`` over dim 1 (per image, or per pixel).
 
     Writes ``model_fused.pt`` (the fused state dict), ``model.json`` (``metadata`` plus the
-    errors), and optionally ``model.onnx`` (dynamic batch) and a TorchScript trace. The fused
-    model is compared with the unfused one on ``example_inputs`` (real images, preprocessed as
-    for validation), and the ONNX file with PyTorch in onnxruntime; either error above
-    ``tolerance`` raises ``RuntimeError`` before anything is written.
+    errors), and optionally ``model.onnx`` (dynamic batch), a TorchScript trace (dynamic batch, and image size with ``dynamic_image_size``)
+    and ``model.mlpackage`` (a CoreML ML program at batch 1 and ``coreml_image_size``, by default
+    the example's image size, which a ``dynamic_image_size`` network must not rely on;
+    ``coreml_precision`` compute precision, a float32 tensor input, or with ``coreml_image_input``
+    an RGB image input normalized with ``metadata``'s ``mean`` / ``std``; outputs named
+    ``output_names``). The fused model is compared with the unfused one on ``example_inputs``
+    (real images, preprocessed as for validation), and the ONNX file (in onnxruntime) and the
+    TorchScript trace with PyTorch; any error above ``tolerance`` raises ``RuntimeError``, and a
+    failed conversion its own error, before anything is written. CoreML is checked structurally
+    only (no ``batch_norm`` op, expected inputs and outputs): it cannot run outside macOS.
     """
     network = copy.deepcopy(network).eval().cpu().float()
     example_inputs = example_inputs.cpu().float()
@@ -96,33 +109,105 @@ def export_network(
         "fused_vs_unfused_agreement": (agreement or _argmax_agreement)(fused_output, reference),
     }
     log.info("fused vs unfused relative error on %d images: %.3e", len(example_inputs), report["fused_vs_unfused_relative_error"])
-    if report["fused_vs_unfused_relative_error"] > tolerance:
-        raise RuntimeError(
-            f"the fused model differs from the trained one by relative error "
-            f"{report['fused_vs_unfused_relative_error']:.3e} > {tolerance:g}; nothing was written"
-        )
+    _check(report, "fused_vs_unfused_relative_error", tolerance, "the fused model differs from the trained one")
 
+    # Convert and check every format first, write afterwards: a failed check leaves output_dir untouched.
+    writers: dict[str, tuple[Path, Callable[[Path], Path]]] = {}
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
     if onnx:
         onnx_bytes, report["onnx_vs_pytorch_relative_error"] = _onnx_export(
             fused, example_inputs, fused_output, dynamic_image_size
         )
         log.info("onnxruntime vs PyTorch relative error: %.3e", report["onnx_vs_pytorch_relative_error"])
-        if report["onnx_vs_pytorch_relative_error"] > tolerance:
-            raise RuntimeError(
-                f"onnxruntime's output differs from PyTorch's by relative error "
-                f"{report['onnx_vs_pytorch_relative_error']:.3e} > {tolerance:g}; nothing was written"
-            )
-        files["onnx"] = str(atomic_write(output_dir / ONNX_FILE, lambda p: Path(p).write_bytes(onnx_bytes)))
+        _check(report, "onnx_vs_pytorch_relative_error", tolerance, "onnxruntime's output differs from PyTorch's")
+        writers["onnx"] = (output_dir / ONNX_FILE, lambda path: atomic_write(path, lambda p: Path(p).write_bytes(onnx_bytes)))
     if torchscript:
-        traced = torch.jit.trace(fused, example_inputs[:1])
-        files["torchscript"] = str(atomic_write(output_dir / TORCHSCRIPT_FILE, lambda p: traced.save(p)))
+        traced = to_torchscript(fused, example_inputs, dynamic_image_size)
+        with torch.no_grad():
+            report["torchscript_vs_pytorch_relative_error"] = _worst_error(traced(example_inputs), fused_output)
+        log.info("TorchScript vs PyTorch relative error: %.3e", report["torchscript_vs_pytorch_relative_error"])
+        _check(report, "torchscript_vs_pytorch_relative_error", tolerance, "the TorchScript trace's output differs from PyTorch's")
+        writers["torchscript"] = (output_dir / TORCHSCRIPT_FILE, lambda path: atomic_write(path, lambda p: traced.save(p)))
+    if coreml:
+        mlmodel, report["coreml"] = _coreml_export(
+            fused, example_inputs, metadata, coreml_precision, coreml_image_input, coreml_image_size, dynamic_image_size, output_names
+        )
+        writers["coreml"] = (output_dir / COREML_FILE, lambda path: save_mlpackage(mlmodel, path))
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {name: str(write(path)) for name, (path, write) in writers.items()}
     files["weights"] = str(atomic_write(output_dir / FUSED_WEIGHTS, lambda p: torch.save(fused.state_dict(), p)))
     content = json.dumps({**metadata, **report, "files": sorted(Path(f).name for f in files.values())}, indent=2)
     files["metadata"] = str(atomic_write(output_dir / METADATA, lambda p: Path(p).write_text(content + "\n")))
     return {**report, "files": files}
+
+
+def _check(report: dict[str, Any], key: str, tolerance: float, what: str) -> None:
+    if report[key] > tolerance:
+        raise RuntimeError(f"{what} by relative error {report[key]:.3e} > {tolerance:g} ({key}); nothing was written")
+
+
+def _coreml_export(
+    fused: nn.Module,
+    example_inputs: torch.Tensor,
+    metadata: dict[str, Any],
+    precision: str,
+    image_input: bool,
+    image_size: int | tuple[int, int] | None,
+    dynamic_image_size: bool,
+    output_names: list[str] | None,
+) -> tuple[Any, dict[str, Any]]:
+    """Convert to CoreML and check the program's interface against PyTorch's outputs; return the
+    model and a description of it for ``model.json``."""
+    if image_size is None and dynamic_image_size:
+        raise ValueError(
+            "this network takes any image size, but a CoreML program needs a fixed one (coremltools cannot "
+            "convert its bilinear upsampling to a flexible size): give coreml_image_size (e.g. --coreml_image_size 512)"
+        )
+    example = example_inputs[:1]
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"coreml_image_size={image_size!r}: expected a positive int or (height, width)")
+        example = torch.nn.functional.interpolate(example, size=size, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        expected = fused(example)
+    normalization = None
+    if image_input:
+        mean, std = metadata.get("mean"), metadata.get("std")
+        if not mean or not std:
+            raise ValueError(
+                f"a CoreML image input needs the normalization: the export metadata has mean={mean!r}, std={std!r}"
+            )
+        normalization = (mean, std)
+    mlmodel = to_coreml(
+        fused, example, precision=precision, image_normalization=normalization, output_names=output_names,
+        minimum_deployment_target=COREML_TARGET,
+    )
+    import coremltools  # present: to_coreml needs it
+
+    description = mlmodel.get_spec().description
+    outputs = [{"name": o.name, "shape": list(o.type.multiArrayType.shape)} for o in description.output]
+    expected_shapes = [list(t.shape) for t in _outputs(expected)]
+    if [o["shape"] for o in outputs] != expected_shapes:
+        raise RuntimeError(f"the CoreML program's output shapes {[o['shape'] for o in outputs]} are not PyTorch's {expected_shapes}")
+    (spec_input,) = description.input
+    info = {
+        "file": COREML_FILE,
+        "coremltools": coremltools.__version__,
+        "precision": precision,
+        "minimum_deployment_target": COREML_TARGET,
+        "input": {
+            "name": spec_input.name,
+            "type": "image RGB, pixels 0-255 (normalized inside)" if image_input else "float32 tensor",
+            "shape": list(example.shape),
+        },
+        "outputs": outputs,
+        "op_types": sorted(coreml_op_types(mlmodel)),
+        "checked": "structure only (conversion, names, shapes, no batch_norm): CoreML predicts on macOS only",
+    }
+    log.info("CoreML ML program (%s, coremltools %s): ops %s", precision, coremltools.__version__, info["op_types"])
+    return mlmodel, info
 
 
 def _onnx_export(
