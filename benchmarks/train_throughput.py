@@ -21,6 +21,7 @@ model of the same variant: timm's row compares the two implementations of one ne
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -55,9 +56,9 @@ def models(variants: list[str], peers: bool = True) -> dict[str, nn.Module]:
 
 
 def train_step(model: nn.Module, batch: int, device: str, precision: str, mode: str) -> Callable[[], float]:
-    """A closure doing one SGD step of ``model`` on a fixed random batch; returns the loss."""
+    """A closure doing one SGD step of a copy of ``model`` on a fixed random batch; returns the loss."""
     memory_format = torch.channels_last if device == "cuda" else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format).train()
+    model = copy.deepcopy(model).to(device=device, memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     forward = torch.compile(model) if mode == "compile" else model
