@@ -211,8 +211,9 @@ def to_coreml(
     ``"float32"``. ``source`` is the graph capture handed to coremltools: ``"torchscript"``
     (``to_torchscript``'s trace: coremltools' stable path) or ``"torch.export"`` (its beta path).
 
-    Raises ``ValueError`` if the converted program still holds a ``batch_norm`` op, and
-    ``ImportError`` (saying what to install) when coremltools is missing. Save the result with
+    Raises ``ValueError`` if the captured graph or the converted program still holds a BatchNorm
+    (coremltools folds conv-BN pairs itself but keeps a lone BN, such as an unfused MobileOne
+    skip branch), and ``ImportError`` (saying what to install) when coremltools is missing. Save the result with
     ``save_mlpackage``; it cannot run on Linux (coremltools predicts on macOS only).
     """
     ct = _import_coremltools()
