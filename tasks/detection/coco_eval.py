@@ -40,18 +40,22 @@ class CocoEvaluation(Metric):
         for prediction, target in zip(predictions, targets):
             token = float(rank * 2**24 + self._samples_seen)
             self._samples_seen += 1
-            image = torch.tensor([[float(target["image_id"]), token]], dtype=torch.float64)
-            boxes = target["boxes"].double().reshape(-1, 4)
+            # every row on the metric's device (the model's, as Lightning moves it): DDP gathers them there
+            image = torch.tensor([[float(target["image_id"]), token]], dtype=torch.float64, device=self.device)
+            boxes = self._column(target["boxes"], 4)
             count = len(boxes)
-            crowd = target.get("iscrowd", torch.zeros(count)).double().reshape(-1, 1)
-            area = target.get("area", (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).double().reshape(-1, 1)
+            crowd = self._column(target.get("iscrowd", torch.zeros(count)))
+            area = self._column(target.get("area", (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
             # ground truth rows: image id, token, x1 y1 x2 y2, label, iscrowd, area
-            self.ground_truth.append(torch.cat([image.expand(count, 2), boxes, target["labels"].double().reshape(-1, 1), crowd, area], 1))
-            found = prediction["boxes"].double().reshape(-1, 4)
+            self.ground_truth.append(torch.cat([image.expand(count, 2), boxes, self._column(target["labels"]), crowd, area], 1))
+            found = self._column(prediction["boxes"], 4)
             # detection rows: image id, token, x1 y1 x2 y2, label, score
-            self.detections.append(torch.cat([image.expand(len(found), 2), found, prediction["labels"].double().reshape(-1, 1),
-                                              prediction["scores"].double().reshape(-1, 1)], 1))
+            self.detections.append(torch.cat([image.expand(len(found), 2), found, self._column(prediction["labels"]),
+                                              self._column(prediction["scores"])], 1))
             self.images.append(image)
+
+    def _column(self, values: torch.Tensor, width: int = 1) -> torch.Tensor:
+        return values.detach().to(self.device, torch.float64).reshape(-1, width)
 
     def reset(self) -> None:
         super().reset()
