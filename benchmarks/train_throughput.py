@@ -24,6 +24,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -108,11 +109,13 @@ def measure(
             (name, mode, precision): train_step(model, batch, device, precision, mode)
             for name, model in built.items() for mode in modes for precision in precisions
         }
-        for step in jobs.values():
+        for (name, mode, precision), step in jobs.items():
+            start = time.perf_counter()
             for _ in range(warmup):
                 loss = step()
             if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss during warm-up: {loss}")
+                raise RuntimeError(f"{name} {mode} {precision}: non-finite loss during warm-up: {loss}")
+            print(f"warm-up of {name} {mode} {precision} batch {batch}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         times: dict[tuple[str, str, str], list[float]] = {key: [] for key in jobs}
         for _ in range(steps):
             for key, step in jobs.items():
