@@ -142,7 +142,7 @@ class MobileOneBlock(nn.Module):
         self.inference_mode = inference_mode
 
         self.se = SEBlock(out_channels) if use_se else nn.Identity()
-        self.activation = nn.ReLU()
+        self.activation = nn.ReLU(inplace=True)  # on a tensor the block itself just made
 
         if inference_mode:
             self.reparam_conv = self._make_fused_conv()
@@ -174,13 +174,14 @@ class MobileOneBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inference_mode:
             return self.activation(self.se(self.reparam_conv(x)))
+        # summed in place into the first branch's output: BatchNorm's backward does not need it
         out = self.rbr_conv[0](x)
         for branch in self.rbr_conv[1:]:
-            out = out + branch(x)
+            out += branch(x)
         if self.rbr_scale is not None:
-            out = out + self.rbr_scale(x)
+            out += self.rbr_scale(x)
         if self.rbr_skip is not None:
-            out = out + self.rbr_skip(x)
+            out += self.rbr_skip(x)
         return self.activation(self.se(out))
 
     def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
