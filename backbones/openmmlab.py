@@ -151,13 +151,21 @@ class MobileOneBackbone(MobileOne, BaseModule):
                 "model.backbone.init_cfg.checkpoint at it, or set model.backbone.init_cfg=None to train "
                 "from scratch"
             )
-        report = load_checkpoint(
-            self,
-            checkpoint,
-            prefix=cfg.get("prefix"),
-            ignore_classifier=True,
-            weights_only=cfg.get("weights_only", True),
-        )
+        try:
+            report = load_checkpoint(
+                self,
+                checkpoint,
+                prefix=cfg.get("prefix"),
+                ignore_classifier=True,
+                weights_only=cfg.get("weights_only", True),
+            )
+        except ValueError as error:  # includes CheckpointMismatchError
+            hint = (
+                " (an mmdet / mmseg / Lightning checkpoint you trust: add weights_only=False to the init_cfg)"
+                if "weights_only" in str(error)
+                else ""
+            )
+            raise type(error)(f"MobileOne backbone init_cfg {dict(cfg)}: {error}{hint}") from error
         prefix = f" (prefix {report.prefix!r})" if report.prefix else ""
         dropped = f", left out {len(report.dropped)} keys (classifier / unbuilt stages)" if report.dropped else ""
         print_log(f"MobileOne: loaded {checkpoint}{prefix}{dropped}", logger="current")

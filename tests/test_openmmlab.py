@@ -44,7 +44,15 @@ from backbones.openmmlab import MobileOneBackbone  # noqa: E402
 from backbones.testing import randomize_batchnorm, relative_error  # noqa: E402
 from test_checkpoint import apple_state_dict  # noqa: E402  (Apple's key layout, written independently)
 
-pytestmark = pytest.mark.openmmlab
+pytestmark = [
+    pytest.mark.openmmlab,
+    # third-party noise: mmengine imports pkg_resources; mmseg's loss builder and CE defaults
+    pytest.mark.filterwarnings("ignore:pkg_resources is deprecated:UserWarning"),
+    pytest.mark.filterwarnings("ignore:``build_loss`` would be deprecated:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Default ``avg_non_ignore`` is False:UserWarning"),
+    pytest.mark.filterwarnings("ignore:The draw is False:UserWarning"),
+    pytest.mark.filterwarnings("ignore:`reduce_zero_label` will be deprecated:UserWarning"),
+]
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "openmmlab"
 DET_CONFIGS = {v: CONFIGS / "mmdet" / f"ssdlite_mobileone-{v}_8xb24-200e_coco.py" for v in VARIANTS}
@@ -389,6 +397,16 @@ def test_ssdlite_s0_trains_evaluates_and_fuses(tmp_path):
     runner.train()
     metrics = runner.val()
     assert "coco/bbox_mAP" in metrics and 0 <= metrics["coco/bbox_mAP"] <= 1
+
+    # fine-tuning from the detector checkpoint mmengine just wrote: its backbone, strictly
+    saved = tmp_path / "work" / "epoch_1.pth"
+    init = dict(type="Pretrained", checkpoint=str(saved), prefix="backbone.")
+    with pytest.raises(ValueError, match="add weights_only=False to the init_cfg"):
+        MobileOneBackbone("s0", out_indices=(3, 4), init_cfg=init).init_weights()
+    reloaded = MobileOneBackbone("s0", out_indices=(3, 4), init_cfg=dict(init, weights_only=False))
+    reloaded.init_weights()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, model.backbone.state_dict()[key]), key
 
     # Reparameterize the whole trained detector. float32: the same backbone features and detections.
     # float64 (fused from float64 weights): the same raw head outputs to float64 rounding. (float32
