@@ -13,6 +13,9 @@
 custom_imports = dict(imports=["backbones.openmmlab"], allow_failed_imports=False)
 
 norm_cfg = dict(type="SyncBN", requires_grad=True)  # of the heads; reverted to BN when not distributed
+# Distributed training: mmengine's runner turns every BatchNorm, the backbone's too, into SyncBatchNorm
+# (4 GPUs x 4 images: per-GPU statistics of 4 crops would be noisy).
+sync_bn = "torch"
 data_preprocessor = dict(
     type="SegDataPreProcessor",
     mean=[123.675, 116.28, 103.53],
