@@ -7,11 +7,11 @@
 #   bash scripts/install_openmmlab.sh
 #
 # Why a script: PyPI has no mmcv wheels for current torch. mmcv 2.1.0 (the newest that mmdet
-# 3.3.0 and mmsegmentation 1.2.2 accept) builds from source (~21 min on 2 cores) only with
+# 3.3.0 and mmsegmentation 1.2.2 accept) builds from source (~20 min on 2 cores) only with
 # setuptools<70 (its setup.py imports pkg_resources) and with -std=c++20 given to the C++
 # compiler *after* mmcv's own -std=c++17 (torch >= 2.10 headers need C++20). The build tools go
 # into a throw-away directory, so the environment's own setuptools (torch wants >= 77) is left
-# alone. Without a CUDA toolkit the ops are CPU-only.
+# alone. Without a CUDA toolkit (or a visible GPU) the ops are CPU-only.
 #
 # Environment variables:
 #   PYTHON                   interpreter to install into (default: python, else python3)
@@ -41,18 +41,22 @@ fi
 log "installing into $("$PY" -c 'import sys; print(sys.prefix)') ($("$PY" --version 2>&1))"
 
 # torch must already be there: mmcv's extension is compiled against it, and the cache key names it.
-KEY="$("$PY" - "$MMCV_VERSION" <<'EOF'
+# CUDA ops are built only when torch has CUDA, a CUDA toolkit is found (nvcc / CUDA_HOME) and a GPU
+# is visible (or FORCE_CUDA=1); otherwise the build hides the GPUs and makes the CPU-only ops.
+INFO="$("$PY" - "$MMCV_VERSION" <<'EOF'
 import os, platform, sys
 try:
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME
 except ImportError:
     sys.exit("torch is not installed in this environment: run `pip install -e .` first")
-cuda = (torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1") and torch.version.cuda
-device = f"cu{torch.version.cuda}" if cuda else "cpu"
+wanted = torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"
+device = f"cu{torch.version.cuda}" if wanted and torch.version.cuda and CUDA_HOME else "cpu"
 torch_version = torch.__version__.replace("+", "_")
-print(f"mmcv-{sys.argv[1]}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch_version}-{device}-{platform.machine()}")
+print(f"mmcv-{sys.argv[1]}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch_version}-{device}-{platform.machine()}", device)
 EOF
-)" || die "could not inspect torch with $PY (is torch installed?)"
+)" || die "could not inspect torch with $PY (is torch installed? run \`pip install -e .\` first)"
+read -r KEY DEVICE <<< "$INFO"
 CACHE_ROOT="${MOBILEONE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mobileone-lightning/wheels}"
 CACHE_DIR="$CACHE_ROOT/$KEY"
 log "mmcv wheel cache: $CACHE_DIR"
@@ -88,9 +92,14 @@ EOF
     chmod +x "$WORK/cxx"
 
     JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
-    log "compiling with CXX=$WORK/cxx (-> $REAL_CXX ... -std=c++20), MAX_JOBS=$JOBS"
+    GPU_ENV=(FORCE_CUDA="${FORCE_CUDA:-0}")
+    if [ "$DEVICE" = "cpu" ]; then
+        GPU_ENV=(CUDA_VISIBLE_DEVICES="" FORCE_CUDA=0)
+    fi
+    log "compiling ($DEVICE ops) with CXX=$WORK/cxx (-> $REAL_CXX ... -std=c++20), MAX_JOBS=$JOBS"
     start=$(date +%s)
-    PYTHONPATH="$WORK/tools${PYTHONPATH:+:$PYTHONPATH}" PATH="$WORK/tools/bin:$PATH" CXX="$WORK/cxx" MAX_JOBS="$JOBS" \
+    env "${GPU_ENV[@]}" PYTHONPATH="$WORK/tools${PYTHONPATH:+:$PYTHONPATH}" PATH="$WORK/tools/bin:$PATH" \
+        CXX="$WORK/cxx" MAX_JOBS="$JOBS" \
         "$PY" -m pip wheel --no-build-isolation --no-deps --no-cache-dir "mmcv==$MMCV_VERSION" -w "$WORK/wheel" \
         || die "building mmcv $MMCV_VERSION failed (see the compiler output above)"
     log "mmcv built in $(( $(date +%s) - start )) s"
