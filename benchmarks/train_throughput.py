@@ -10,8 +10,8 @@ MobileNetV2. One step = the paper's recipe: SGD (momentum 0.9, weight decay 1e-4
 cross-entropy with label smoothing 0.1, on random 224x224 images and labels already on the
 device (data loading is not measured). ``bf16`` = autocast to bfloat16; ``compile`` =
 ``torch.compile`` of the model. On CUDA the models run channels_last (the task's default
-there); on the CPU contiguous (torch 2.14.1's oneDNN corrupts the heap in the channels-last
-backward of MobileOne's stem, see ``tasks.common.module.ChannelsLastMixin``).
+there); on the CPU contiguous, also under ``torch.compile`` (torch 2.14.1's oneDNN corrupts the
+heap in the channels-last backward of MobileOne's stem, see ``tasks.common.module.ChannelsLastMixin``).
 
 Steps are interleaved over the models (A B C A B C ...) after warm-up steps; each row gives the
 median and interquartile range of the step times (CUDA events on a GPU) and the ratio to our
@@ -62,6 +62,12 @@ def train_step(model: nn.Module, batch: int, device: str, precision: str, mode: 
     model = copy.deepcopy(model).to(device=device, memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    if mode == "compile" and device == "cpu":
+        # inductor would switch convolutions to channels_last, and torch 2.14.1's oneDNN backward
+        # of the stem's 1x1 stride-2 conv then crashes (segfault) as in eager channels_last
+        import torch._inductor.config
+
+        torch._inductor.config.layout_optimization = False
     forward = torch.compile(model) if mode == "compile" else model
     images = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, 1000, (batch,), device=device)
