@@ -65,9 +65,9 @@ def train_step(model: nn.Module, batch: int, device: str, precision: str, mode: 
     if mode == "compile" and device == "cpu":
         # inductor would switch convolutions to channels_last, and torch 2.14.1's oneDNN backward
         # of the stem's 1x1 stride-2 conv then crashes (segfault) as in eager channels_last
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.layout_optimization = False
+        inductor_config.layout_optimization = False
     forward = torch.compile(model) if mode == "compile" else model
     images = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, 1000, (batch,), device=device)

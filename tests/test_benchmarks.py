@@ -99,3 +99,12 @@ def test_compiled_backend_matches_eager_rows():
 
     rows = measure(["s0"], ["compile"], rounds=2, warmup=1, threads=1, unfused="none", peers=False)
     assert [(r["model"], r["backend"]) for r in rows] == [("mobileone_s0 (fused)", "torch.compile fp32")]
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_on_cpu():
+    """torch.compile of the train form: inductor's channels-last layout would crash on this CPU."""
+    from benchmarks.train_throughput import measure
+
+    rows = measure(["s0"], batch_sizes=[2], modes=["compile"], steps=1, warmup=1, peers=False)
+    assert [(r["model"], r["mode"]) for r in rows] == [("mobileone_s0", "compile")]
