@@ -30,10 +30,8 @@ import argparse
 import copy
 import csv
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +39,7 @@ import torchvision
 
 from backbones import mobileone, reparameterize_model, to_onnx_bytes
 from benchmarks.machine import describe_machine
+from benchmarks.timing import median_and_quartiles, time_ms
 
 PEERS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 # ImageNet top-1 for the plot: the paper's Table for MobileOne; torchvision's own documented
@@ -171,23 +170,10 @@ def _convert(x: torch.Tensor, backend: Backend, device: str) -> object:
     return x.to(device=device, dtype=backend.dtype, memory_format=memory_format)
 
 
-def _time_ms(run: Callable[[object], object], x: object, device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run(x)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    start_s = time.perf_counter()
-    run(x)
-    return (time.perf_counter() - start_s) * 1e3
-
-
 def measure(
     variants: list[str],
     backends: list[str],
-    batch_sizes: list[int] = (1,),
+    batch_sizes: Sequence[int] = (1,),
     rounds: int = 30,
     warmup: int = 5,
     threads: int | None = None,
@@ -215,10 +201,9 @@ def measure(
         times: dict[tuple[str, Backend], list[float]] = {key: [] for key in runs}
         for _ in range(rounds):
             for (name, backend), run in runs.items():
-                times[name, backend].append(_time_ms(run, inputs[backend], device))
+                times[name, backend].append(time_ms(lambda: run(inputs[backend]), device))
         for (name, backend), values in times.items():
-            q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
-            median = statistics.median(values)
+            median, q1, q3 = median_and_quartiles(values)
             rows.append({
                 "device": device, "model": name, "backend": backend.label, "batch": batch,
                 "median_ms": median, "q1_ms": q1, "q3_ms": q3, "images_per_s": batch / median * 1e3,

@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torchvision
@@ -35,6 +34,7 @@ from torch import nn
 from backbones import mobileone
 from benchmarks.latency import write_csv
 from benchmarks.machine import describe_machine
+from benchmarks.timing import median_and_quartiles, time_ms
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -84,24 +84,11 @@ def train_step(model: nn.Module, batch: int, device: str, precision: str, mode: 
     return step
 
 
-def _time_ms(step: Callable[[], torch.Tensor], device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    start_s = time.perf_counter()
-    step()
-    return (time.perf_counter() - start_s) * 1e3
-
-
 def measure(
     variants: list[str],
-    batch_sizes: list[int] = (64,),
-    modes: list[str] = ("eager",),
-    precisions: list[str] = ("fp32",),
+    batch_sizes: Sequence[int] = (64,),
+    modes: Sequence[str] = ("eager",),
+    precisions: Sequence[str] = ("fp32",),
     steps: int = 10,
     warmup: int = 3,
     device: str = "cpu",
@@ -125,13 +112,12 @@ def measure(
         times: dict[tuple[str, str, str], list[float]] = {key: [] for key in jobs}
         for _ in range(steps):
             for key, step in jobs.items():
-                times[key].append(_time_ms(step, device))
+                times[key].append(time_ms(step, device))
         del jobs, built
         if device == "cuda":
             torch.cuda.empty_cache()
         for (name, mode, precision), values in times.items():
-            q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
-            median = statistics.median(values)
+            median, q1, q3 = median_and_quartiles(values)
             rows.append({"device": device, "model": name, "mode": mode, "precision": precision, "batch": batch,
                          "median_ms": median, "q1_ms": q1, "q3_ms": q3, "images_per_s": batch / median * 1e3, "steps": steps})
     for row in rows:

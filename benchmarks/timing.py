@@ -1,0 +1,32 @@
+"""Timing one call (wall clock on the CPU, CUDA events on a GPU) and summarising repeated timings."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def time_ms(call: Callable[[], object], device: str) -> float:
+    """Milliseconds that ``call()`` takes: CUDA events around it on ``cuda`` (waiting for the GPU
+    to finish), ``time.perf_counter`` otherwise."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    call()
+    return (time.perf_counter() - start_s) * 1e3
+
+
+def median_and_quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile), quartiles within the range of ``values``."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), q1, q3
