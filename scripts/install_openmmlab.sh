@@ -7,7 +7,7 @@
 #   bash scripts/install_openmmlab.sh
 #
 # Why a script: PyPI has no mmcv wheels for current torch. mmcv 2.1.0 (the newest that mmdet
-# 3.3.0 and mmsegmentation 1.2.2 accept) builds from source (~20 min on 2 cores) only with
+# 3.3.0 and mmsegmentation 1.2.2 accept) builds from source (8-20 min on 2 cores) only with
 # setuptools<70 (its setup.py imports pkg_resources) and with -std=c++20 given to the C++
 # compiler *after* mmcv's own -std=c++17 (torch >= 2.10 headers need C++20). The build tools go
 # into a throw-away directory, so the environment's own setuptools (torch wants >= 77) is left
@@ -74,7 +74,7 @@ else
         || die "no C++ compiler (c++ or \$CXX) found: mmcv must be compiled (e.g. apt-get install g++)"
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/mmcv-build.XXXXXX")"
     trap 'rm -rf "$WORK"' EXIT
-    log "no cached wheel: building mmcv $MMCV_VERSION from source (about 20 minutes on 2 cores); scratch dir $WORK"
+    log "no cached wheel: building mmcv $MMCV_VERSION from source (8-20 minutes on 2 cores); scratch dir $WORK"
 
     # Build tools in their own directory, put first on PYTHONPATH for the build only (--no-deps:
     # nothing there may shadow the environment's numpy or torch). With opencv-python-headless there,
