@@ -28,6 +28,7 @@ __all__ = [
     "coreml_op_types",
     "fold_batchnorm_",
     "fuse_for_deployment",
+    "output_tensors",
     "save_mlpackage",
     "to_coreml",
     "to_onnx_bytes",
@@ -93,14 +94,14 @@ def to_onnx_bytes(
 FORBIDDEN_TORCHSCRIPT_OPS = frozenset({"aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training"})
 
 
-def _tensors(output: Any) -> list[torch.Tensor]:
-    """The tensors of a model's output (a tensor, a tuple / list, or a dict), in order."""
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, a tuple / list, or a dict, nested), in order."""
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, dict):
         output = list(output.values())
     if isinstance(output, (list, tuple)):
-        return [tensor for value in output for tensor in _tensors(value)]
+        return [tensor for value in output for tensor in output_tensors(value)]
     return []
 
 
@@ -144,10 +145,10 @@ def to_torchscript(
         if freeze:
             traced = torch.jit.freeze(traced)
         try:
-            actual = _tensors(traced(other))
+            actual = output_tensors(traced(other))
         except RuntimeError as error:
             raise ValueError(f"the TorchScript trace fails at {where}: {error}") from error
-        expected = _tensors(model(other))
+        expected = output_tensors(model(other))
     shapes = [tuple(t.shape) for t in actual], [tuple(t.shape) for t in expected]
     if shapes[0] != shapes[1]:
         raise ValueError(f"at {where} the TorchScript trace gives output shapes {shapes[0]}, the model {shapes[1]}")
@@ -244,7 +245,7 @@ def to_coreml(
     else:
         inputs = [ct.TensorType(name=input_name, shape=tuple(example.shape), dtype=np.float32)]
     with torch.no_grad():
-        count = len(_tensors(model(example)))
+        count = len(output_tensors(model(example)))
     names = list(output_names) if output_names is not None else (["output"] if count == 1 else [f"output_{i}" for i in range(count)])
     if len(names) != count:
         raise ValueError(f"output_names={names} names {len(names)} outputs, the model returns {count}")

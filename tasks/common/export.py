@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbones.export import coreml_op_types, fuse_for_deployment, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript
+from backbones.export import (
+    coreml_op_types, fuse_for_deployment, output_tensors, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript,
+)
 from backbones.testing import relative_error
 
 log = logging.getLogger(__name__)
@@ -43,21 +45,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _outputs(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [v for v in output.values() if isinstance(v, torch.Tensor)]
-    return [o for o in output if isinstance(o, torch.Tensor)]
-
-
 def _worst_error(actual: Any, expected: Any) -> float:
-    return max(relative_error(a, e) for a, e in zip(_outputs(actual), _outputs(expected)))
+    return max(relative_error(a, e) for a, e in zip(output_tensors(actual), output_tensors(expected)))
 
 
 def _argmax_agreement(actual: Any, expected: Any) -> float:
     """Fraction of positions (images, or pixels) whose top class is the same."""
-    pairs = [(a, e) for a, e in zip(_outputs(actual), _outputs(expected)) if a.ndim >= 2]
+    pairs = [(a, e) for a, e in zip(output_tensors(actual), output_tensors(expected)) if a.ndim >= 2]
     same = sum((a.argmax(1) == e.argmax(1)).sum().item() for a, e in pairs)
     total = sum(e.argmax(1).numel() for _, e in pairs)
     return same / max(1, total)
@@ -188,7 +182,7 @@ def _coreml_export(
 
     description = mlmodel.get_spec().description
     outputs = [{"name": o.name, "shape": list(o.type.multiArrayType.shape)} for o in description.output]
-    expected_shapes = [list(t.shape) for t in _outputs(expected)]
+    expected_shapes = [list(t.shape) for t in output_tensors(expected)]
     if [o["shape"] for o in outputs] != expected_shapes:
         raise RuntimeError(f"the CoreML program's output shapes {[o['shape'] for o in outputs]} are not PyTorch's {expected_shapes}")
     (spec_input,) = description.input
