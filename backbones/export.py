@@ -65,12 +65,14 @@ def to_onnx_bytes(
     dynamic_image_size: bool = False,
     opset: int = 18,
     input_name: str = "images",
+    forbidden_ops: frozenset[str] = FORBIDDEN_ONNX_OPS,
 ) -> bytes:
     """Export ``model`` (already fused, eval mode) to ONNX and return the file's bytes.
 
     Dynamic batch size (and height / width with ``dynamic_image_size``), constants folded by the
     exporter, weights inside the file. Raises ``ValueError`` if the graph still holds one of
-    ``FORBIDDEN_ONNX_OPS`` (an unfused BatchNorm, an Identity or a Dropout).
+    ``forbidden_ops`` (by default ``FORBIDDEN_ONNX_OPS``: an unfused BatchNorm, an Identity or a
+    Dropout; pass an empty set to export a model that keeps its BatchNorms, e.g. for benchmarks).
     """
     import onnx
 
@@ -84,7 +86,7 @@ def to_onnx_bytes(
             dynamic_shapes=(dynamic,), external_data=False, optimize=True, verbose=False,
         )
         content = Path(path).read_bytes()
-    leftovers = sorted({node.op_type for node in onnx.load_from_string(content).graph.node} & FORBIDDEN_ONNX_OPS)
+    leftovers = sorted({node.op_type for node in onnx.load_from_string(content).graph.node} & forbidden_ops)
     if leftovers:
         raise ValueError(f"the exported ONNX graph still holds {leftovers}: export a fused model (fuse_for_deployment)")
     return content

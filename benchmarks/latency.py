@@ -30,7 +30,6 @@ import argparse
 import copy
 import csv
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ import torch
 import torchvision
 
 from backbones import mobileone, reparameterize_model, to_onnx_bytes
+from backbones.export import FORBIDDEN_ONNX_OPS
 from benchmarks.machine import describe_machine
 from benchmarks.timing import median_and_quartiles, time_ms
 
@@ -114,22 +114,6 @@ def top1(name: str) -> float | None:
     return None
 
 
-def _onnx_bytes(model: torch.nn.Module, x: torch.Tensor) -> bytes:
-    """ONNX with a dynamic batch. Fused MobileOne goes through ``to_onnx_bytes``, which checks that
-    no BatchNorm is left; models that keep BatchNorm (the train form, the peers) are exported as
-    they are, and onnxruntime folds their BatchNorm into the convs when it optimizes the session."""
-    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
-        return to_onnx_bytes(model, x)
-    with tempfile.TemporaryDirectory() as scratch:
-        path = os.path.join(scratch, "model.onnx")
-        torch.onnx.export(
-            model, (x[:1],), path, dynamo=True, opset_version=18, input_names=["images"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False, verbose=False,
-        )
-        with open(path, "rb") as handle:
-            return handle.read()
-
-
 def runner(
     model: torch.nn.Module, backend: Backend, device: str, compile_mode: str, onnx_cache: dict[int, bytes]
 ) -> Callable[[object], object]:
@@ -139,7 +123,12 @@ def runner(
         import onnxruntime
 
         if id(model) not in onnx_cache:
-            onnx_cache[id(model)] = _onnx_bytes(model, torch.randn(1, 3, 224, 224))
+            # fused MobileOne must have no BatchNorm left (checked); the train form and the peers keep
+            # theirs, which onnxruntime folds into the convs when it optimizes the session
+            fused = not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+            onnx_cache[id(model)] = to_onnx_bytes(
+                model, torch.randn(1, 3, 224, 224), forbidden_ops=FORBIDDEN_ONNX_OPS if fused else frozenset()
+            )
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = backend.threads
