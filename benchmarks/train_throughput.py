@@ -96,8 +96,8 @@ def measure(
 ) -> list[dict]:
     """Time every model x mode x precision, interleaved, one batch size at a time; one row each."""
     rows = []
+    built = models(variants, peers)  # each job trains its own copy
     for batch in batch_sizes:
-        built = models(variants, peers)
         jobs = {
             (name, mode, precision): train_step(model, batch, device, precision, mode)
             for name, model in built.items() for mode in modes for precision in precisions
@@ -113,7 +113,7 @@ def measure(
         for _ in range(steps):
             for key, step in jobs.items():
                 times[key].append(time_ms(step, device))
-        del jobs, built
+        del jobs
         if device == "cuda":
             torch.cuda.empty_cache()
         for (name, mode, precision), values in times.items():
