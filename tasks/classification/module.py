@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from backbones import MobileOne, load_checkpoint, mobileone, read_state_dict
+from backbones import load_checkpoint, mobileone, read_state_dict
+from tasks.common.backbones import backbone_name, classifier_network
 from tasks.common.export import atomic_write
 from tasks.common.module import ChannelsLastMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, warmup_cosine
@@ -25,12 +26,17 @@ class ImageClassificationTask(ChannelsLastMixin, pl.LightningModule):
 
     Args:
         variant: MobileOne variant, ``"s0"`` .. ``"s4"``.
+        backbone: ``"mobileone"`` (variant from ``variant``) or a baseline network trained with the
+            same recipe: ``"mobilenet_v2"``, ``"mobilenet_v3_large"``, ``"efficientnet_b0"``
+            (torchvision's whole network) or ``"timm:<name>"`` (see ``tasks.common.backbones``).
+            Only MobileOne is reparameterized at export.
         num_classes: classifier outputs (linked from the data by the CLI).
         class_names: names of the classes (linked from the data; kept in checkpoints for ``predict``).
         weights: initial weights: Apple's ``mobileone_sX_unfused.pth.tar`` (train form) or
             ``mobileone_sX.pth.tar`` (inference form: the network is then built fused), or one of
-            our ``.ckpt`` files. A classifier of another class count is re-initialized.
-        backbone_kwargs: extra ``mobileone()`` arguments (``num_conv_branches``, ``use_se``, ...).
+            our ``.ckpt`` files. A classifier of another class count is re-initialized. For a
+            torchvision baseline a torchvision state dict (or our ``.ckpt``), for timm a local file.
+        backbone_kwargs: extra ``mobileone()`` arguments (``num_conv_branches``, ``use_se``, ...; MobileOne only).
         lr: learning rate for ``reference_batch_size`` images per step, scaled linearly with the
             global batch (per-device batch x devices x nodes x gradient accumulation).
         reference_batch_size: the batch size ``lr`` is given for.
@@ -46,6 +52,7 @@ class ImageClassificationTask(ChannelsLastMixin, pl.LightningModule):
     def __init__(
         self,
         variant: str = "s0",
+        backbone: str = "mobileone",
         num_classes: int = 1000,
         class_names: list[str] | None = None,
         weights: str | None = None,
@@ -62,13 +69,16 @@ class ImageClassificationTask(ChannelsLastMixin, pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        state_dict = read_state_dict(weights) if weights else None
-        fused = state_dict is not None and any(".reparam_conv." in k for k in state_dict)
-        self.network: MobileOne = mobileone(
-            variant, num_classes=num_classes, inference_mode=fused, **(backbone_kwargs or {})
-        )
-        if state_dict is not None:
-            self._load_weights(state_dict, weights)
+        if backbone == "mobileone":
+            state_dict = read_state_dict(weights) if weights else None
+            fused = state_dict is not None and any(".reparam_conv." in k for k in state_dict)
+            self.network: nn.Module = mobileone(
+                variant, num_classes=num_classes, inference_mode=fused, **(backbone_kwargs or {})
+            )
+            if state_dict is not None:
+                self._load_weights(state_dict, weights)
+        else:
+            self.network = classifier_network(backbone, variant, num_classes, weights, backbone_kwargs)
         top_k = min(5, num_classes)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
@@ -165,10 +175,12 @@ class ImageClassificationTask(ChannelsLastMixin, pl.LightningModule):
         data = datamodule.hparams if datamodule is not None else {}
         return {
             "task": "classification",
-            "architecture": f"mobileone_{self.hparams.variant}",
-            "build": f"backbones.mobileone({self.hparams.variant!r}, num_classes={self.network.num_classes}, "
-            f"inference_mode=True, **{self.hparams.backbone_kwargs or {}})",
-            "num_classes": self.network.num_classes,
+            "architecture": backbone_name(self.hparams.backbone, self.hparams.variant),
+            "build": f"backbones.mobileone({self.hparams.variant!r}, num_classes={self.hparams.num_classes}, "
+            f"inference_mode=True, **{self.hparams.backbone_kwargs or {}})"
+            if self.hparams.backbone == "mobileone"
+            else f"tasks.common.backbones.classifier_network({self.hparams.backbone!r}, {self.hparams.variant!r}, {self.hparams.num_classes})",
+            "num_classes": self.hparams.num_classes,
             "class_names": self.hparams.class_names,
             "image_size": data.get("eval_image_size"),
             "resize": data.get("eval_resize"),

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.ops import batched_nms, box_iou
 from torchvision.utils import draw_bounding_boxes
 
+from tasks.common.backbones import backbone_name
 from tasks.common.export import atomic_write
 from tasks.common.module import ChannelsLastMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, warmup_cosine
@@ -56,11 +57,15 @@ class ObjectDetectionTask(ChannelsLastMixin, pl.LightningModule):
 
     Args:
         variant: MobileOne variant of the backbone.
+        backbone: ``"mobileone"`` (variant from ``variant``) or a baseline under the same neck and
+            head: ``"mobilenet_v2"``, ``"mobilenet_v3_large"``, ``"efficientnet_b0"`` (torchvision),
+            ``"timm:<name>"`` (see ``tasks.common.backbones``). Only MobileOne is reparameterized.
         num_classes: categories + background (linked from the data).
         class_names: category names (linked from the data).
         image_size: network input size (320 in the paper's setup).
-        backbone_weights: ImageNet checkpoint for the backbone (Apple's or one of our classification ``.ckpt``).
-        backbone_kwargs: extra ``mobileone()`` arguments.
+        backbone_weights: ImageNet checkpoint for the backbone (Apple's or one of our classification
+            ``.ckpt``; a torchvision state dict for torchvision backbones).
+        backbone_kwargs: extra ``mobileone()`` arguments (MobileOne only).
         lr: learning rate for ``reference_batch_size`` images per step (linear scaling).
         momentum / weight_decay: SGD settings (BN and biases get no weight decay).
         warmup_iters: linear warm-up steps before the cosine decay.
@@ -71,6 +76,7 @@ class ObjectDetectionTask(ChannelsLastMixin, pl.LightningModule):
     def __init__(
         self,
         variant: str = "s2",
+        backbone: str = "mobileone",
         num_classes: int = 81,
         class_names: list[str] | None = None,
         image_size: int = 320,
@@ -90,7 +96,7 @@ class ObjectDetectionTask(ChannelsLastMixin, pl.LightningModule):
         self.save_hyperparameters()
         self.model = ssdlite_mobileone(
             variant, num_classes, image_size, backbone_weights, backbone_kwargs,
-            score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+            score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img, backbone=backbone,
         )
         self.val_map = CocoEvaluation()
 
@@ -191,7 +197,7 @@ class ObjectDetectionTask(ChannelsLastMixin, pl.LightningModule):
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         return {
             "task": "detection",
-            "architecture": f"ssdlite_mobileone_{self.hparams.variant}",
+            "architecture": f"ssdlite_{backbone_name(self.hparams.backbone, self.hparams.variant)}",
             "image_size": self.hparams.image_size,
             "class_names": ["background", *(self.hparams.class_names or [])],
             "category_ids": {str(k): v for k, v in datamodule.label_to_category().items()} if datamodule is not None else None,

@@ -1,4 +1,4 @@
-"""SSDLite with a MobileOne backbone, on torchvision's SSD building blocks, set up as mmdetection's SSDLite."""
+"""SSDLite on MobileOne (or a baseline backbone), on torchvision's SSD building blocks, set up as mmdetection's SSDLite."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.ops.misc import Conv2dNormActivation
 
-from backbones import MobileOne, load_checkpoint, mobileone
+from tasks.common.backbones import feature_extractor
 
 __all__ = [
     "ANCHOR_MAX_SIZES",
     "ANCHOR_MIN_SIZES",
     "ANCHOR_STRIDES",
-    "MobileOneSSDLiteFeatures",
+    "SSDLiteFeatures",
     "SSDRawOutputs",
     "anchor_generator",
     "ssdlite_mobileone",
@@ -55,11 +55,14 @@ def _normal_init(module: nn.Module, std: float = 0.03) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-class MobileOneSSDLiteFeatures(nn.Module):
-    """Six feature levels for SSDLite: C4 (stride 16, end of stage 3), C5 (stride 32, stage 4) and
-    four depthwise-separable extra levels of widths 512, 256, 256, 128."""
+class SSDLiteFeatures(nn.Module):
+    """Six feature levels for SSDLite: the backbone's C4 (stride 16; MobileOne's stage 3) and C5
+    (stride 32; stage 4), then four depthwise-separable extra levels of widths 512, 256, 256, 128.
 
-    def __init__(self, backbone: MobileOne, extra_widths: Sequence[int] = EXTRA_WIDTHS) -> None:
+    ``backbone`` returns ``[C4, C5]`` and has a timm-style ``feature_info``
+    (``tasks.common.backbones.feature_extractor``)."""
+
+    def __init__(self, backbone: nn.Module, extra_widths: Sequence[int] = EXTRA_WIDTHS) -> None:
         super().__init__()
         self.backbone = backbone
         channels = backbone.feature_info.channels()[-1]
@@ -102,18 +105,19 @@ def ssdlite_mobileone(
     iou_thresh: float = 0.5,
     image_mean: Sequence[float] = (0.485, 0.456, 0.406),
     image_std: Sequence[float] = (0.229, 0.224, 0.225),
+    backbone: str = "mobileone",
 ) -> SSD:
     """SSDLite-MobileOne as a torchvision ``SSD`` (``num_classes`` includes background at index 0).
+
+    ``backbone`` other than ``"mobileone"`` puts a baseline network (``mobilenet_v2``, ...; see
+    ``tasks.common.backbones``) under the same neck, head, anchors and loss.
 
     torchvision's SSD supplies IoU-``iou_thresh`` matching (plus each ground truth's best anchor),
     box coding with weights (10, 10, 5, 5) = stds (0.1, 0.1, 0.2, 0.2), smooth-L1 + cross-entropy
     with 3:1 hard negative mining, resizing to ``image_size`` and normalization, and per-class NMS
     post-processing; the head is torchvision's depthwise-separable ``SSDLiteHead`` (ReLU6).
     """
-    backbone = mobileone(variant, out_indices=(3, 4), **(backbone_kwargs or {}))
-    if backbone_weights:
-        load_checkpoint(backbone, backbone_weights)
-    features = MobileOneSSDLiteFeatures(backbone)
+    features = SSDLiteFeatures(feature_extractor(backbone, variant, 32, backbone_weights, backbone_kwargs))
     anchors = anchor_generator(image_size)
     head = SSDLiteHead(features.out_channels, anchors.num_anchors_per_location(), num_classes, SSDLITE_NORM)
     _normal_init(head)

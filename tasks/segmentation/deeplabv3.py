@@ -1,4 +1,4 @@
-"""DeepLabV3 on a dilated MobileOne, built from torchvision's ASPP and FCN head."""
+"""DeepLabV3 on a dilated MobileOne (or a baseline backbone), built from torchvision's ASPP and FCN head."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.models.segmentation.fcn import FCNHead
 
-from backbones import load_checkpoint, mobileone
+from tasks.common.backbones import feature_extractor
 
 __all__ = ["ASPP_RATES", "DeepLabV3", "DeepLabV3Logits"]
 
@@ -31,6 +31,9 @@ class DeepLabV3(nn.Module):
         backbone_weights: an ImageNet checkpoint for the backbone (Apple's or ours; the classifier is
             dropped).
         backbone_kwargs: extra ``mobileone()`` arguments (``frozen_stages``, ``norm_eval``, ...).
+        backbone: ``"mobileone"`` or a baseline (``"mobilenet_v2"``, ...; see
+            ``tasks.common.backbones``), dilated to the same output stride; its C4 feeds the
+            auxiliary head and its C5 the ASPP, as MobileOne's stages 3 and 4 do.
 
     ``forward`` returns ``{"out": logits}`` at the input resolution, plus ``"aux"`` in training
     mode when the auxiliary head exists.
@@ -45,13 +48,12 @@ class DeepLabV3(nn.Module):
         aux_head: bool = True,
         backbone_weights: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        backbone: str = "mobileone",
     ) -> None:
         super().__init__()
         if output_stride not in ASPP_RATES:
             raise ValueError(f"output_stride must be 8 or 16 for DeepLabV3, got {output_stride}")
-        self.backbone = mobileone(variant, out_indices=(3, 4), output_stride=output_stride, **(backbone_kwargs or {}))
-        if backbone_weights:
-            load_checkpoint(self.backbone, backbone_weights)
+        self.backbone = feature_extractor(backbone, variant, output_stride, backbone_weights, backbone_kwargs)
         stage3_channels, stage4_channels = self.backbone.feature_info.channels()
         self.head = nn.Sequential(
             ASPP(stage4_channels, ASPP_RATES[output_stride], out_channels=aspp_channels),

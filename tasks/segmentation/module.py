@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from tasks.common.backbones import backbone_name
 from tasks.common.export import atomic_write
 from tasks.common.module import ChannelsLastMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate
@@ -55,12 +56,15 @@ class SemanticSegmentationTask(ChannelsLastMixin, pl.LightningModule):
 
     Args:
         variant: MobileOne variant of the backbone.
+        backbone: ``"mobileone"`` (variant from ``variant``) or a baseline under the same heads:
+            ``"mobilenet_v2"``, ``"mobilenet_v3_large"``, ``"efficientnet_b0"`` (torchvision),
+            ``"timm:<name>"`` (see ``tasks.common.backbones``). Only MobileOne is reparameterized.
         num_classes / class_names / ignore_index: linked from the data by the CLI.
         output_stride: 8 (ASPP 12/24/36) or 16 (6/12/18).
         aspp_channels: ASPP / head width (256 or 512).
         aux_loss_weight: weight of the auxiliary FCN head's loss on stage 3; 0 removes the head.
         backbone_weights: ImageNet checkpoint for the backbone (Apple's or ours).
-        backbone_kwargs: extra ``mobileone()`` arguments (``frozen_stages``, ``norm_eval``, ...).
+        backbone_kwargs: extra ``mobileone()`` arguments (``frozen_stages``, ``norm_eval``, ...; MobileOne only).
         lr: backbone learning rate for ``reference_batch_size`` images per step (linearly scaled
             with the global batch); the heads train at ``head_lr_multiplier`` times it.
         momentum / weight_decay: SGD settings (BN and biases get no weight decay).
@@ -73,6 +77,7 @@ class SemanticSegmentationTask(ChannelsLastMixin, pl.LightningModule):
     def __init__(
         self,
         variant: str = "s4",
+        backbone: str = "mobileone",
         num_classes: int = 21,
         class_names: list[str] | None = None,
         ignore_index: int = 255,
@@ -94,7 +99,7 @@ class SemanticSegmentationTask(ChannelsLastMixin, pl.LightningModule):
         self.save_hyperparameters()
         self.model = DeepLabV3(
             variant, num_classes, output_stride, aspp_channels, aux_head=aux_loss_weight > 0,
-            backbone_weights=backbone_weights, backbone_kwargs=backbone_kwargs,
+            backbone_weights=backbone_weights, backbone_kwargs=backbone_kwargs, backbone=backbone,
         )
         self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
 
@@ -190,7 +195,7 @@ class SemanticSegmentationTask(ChannelsLastMixin, pl.LightningModule):
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         return {
             "task": "segmentation",
-            "architecture": f"deeplabv3_mobileone_{self.hparams.variant}",
+            "architecture": f"deeplabv3_{backbone_name(self.hparams.backbone, self.hparams.variant)}",
             "output_stride": self.hparams.output_stride,
             "num_classes": self.hparams.num_classes,
             "class_names": self.hparams.class_names,

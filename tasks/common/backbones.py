@@ -1,0 +1,212 @@
+"""Backbones for the tasks' heads: MobileOne (the default) and the mobile networks it is compared with.
+
+``--model.backbone`` names the network:
+
+- ``"mobileone"``: MobileOne, variant ``s0``..``s4`` from ``--model.variant`` (the only backbone
+  that is reparameterized at export);
+- ``"mobilenet_v2"``, ``"mobilenet_v3_large"``, ``"efficientnet_b0"``: torchvision's networks;
+- ``"timm:<model name>"``: any timm model (``pip install timm``); dense tasks use its
+  ``features_only`` form.
+
+Dense tasks take two feature levels from every backbone, at the same places: C4, the output of the
+last block at stride 16, and C5, the output of the last block (stride 32). For MobileOne these
+are the ends of stages 3 and 4. At ``output_stride`` 16 or 8 the strided convolutions past that
+stride become stride 1 and the later k x k convolutions are dilated instead (torchvision's
+``replace_stride_with_dilation`` convention: the first convolution of a dilated block keeps the
+previous dilation), so C4 and C5 both come out at the output stride. Weights start random unless
+a checkpoint is given.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from backbones import FeatureInfo, load_checkpoint, mobileone
+
+__all__ = ["BASELINE_BACKBONES", "TorchvisionFeatures", "backbone_name", "classifier_network", "feature_extractor"]
+
+MOBILEONE = "mobileone"
+BASELINE_BACKBONES = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
+TIMM_PREFIX = "timm:"
+
+
+def backbone_name(backbone: str, variant: str) -> str:
+    """A readable name for reports and export metadata: ``mobileone_s0``, ``mobilenet_v2``, ..."""
+    return f"mobileone_{variant}" if backbone == MOBILEONE else backbone.removeprefix(TIMM_PREFIX)
+
+
+def _check(backbone: str, backbone_kwargs: dict[str, Any] | None) -> None:
+    if backbone != MOBILEONE and backbone not in BASELINE_BACKBONES and not backbone.startswith(TIMM_PREFIX):
+        raise ValueError(
+            f"unknown backbone {backbone!r}: expected {MOBILEONE!r} (variant from --model.variant), one of "
+            f"{', '.join(map(repr, BASELINE_BACKBONES))} (torchvision) or 'timm:<model name>'"
+        )
+    if backbone != MOBILEONE and backbone_kwargs:
+        raise ValueError(f"backbone_kwargs {sorted(backbone_kwargs)} apply to MobileOne only, not to {backbone!r}")
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError("'timm:<name>' backbones need timm: pip install timm") from error
+    return timm
+
+
+def _timm_weights(weights: str | None) -> dict[str, Any]:
+    """timm's arguments for a local checkpoint file (never a download)."""
+    if weights is None:
+        return {"pretrained": False}
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"backbone weights {weights!r} do not exist")
+    return {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
+
+
+def _read_torchvision_state_dict(path: str, network: nn.Module) -> dict[str, torch.Tensor]:
+    """A torchvision state dict from ``path``: a plain ``.pth``, one wrapped in ``state_dict``, or
+    one of our Lightning ``.ckpt`` files (task prefix such as ``network.`` stripped)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights {path!r} do not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    first = next(iter(network.state_dict()))
+    prefixes = [key[: -len(first)] for key in state if key.endswith(first)]
+    if not prefixes:
+        raise ValueError(f"{path} holds no {type(network).__name__} weights: no key ends with {first!r}")
+    prefix = min(prefixes, key=len)
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _torchvision_network(name: str, weights: str | None, num_classes: int = 1000) -> nn.Module:
+    network = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if weights:
+        state = _read_torchvision_state_dict(weights, network)
+        own = network.state_dict()
+        head = [k for k in state if k.startswith("classifier.") and (k not in own or own[k].shape != state[k].shape)]
+        for key in head:  # another class count: the classifier stays freshly initialized
+            del state[key]
+        missing, unexpected = network.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (head and k.startswith("classifier."))]
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not fit torchvision's {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return network
+
+
+def classifier_network(
+    backbone: str, variant: str, num_classes: int, weights: str | None = None, backbone_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """A whole classification network for a baseline backbone (torchvision's or timm's own, with
+    ``num_classes`` outputs). MobileOne classifiers are built by the classification task itself."""
+    _check(backbone, backbone_kwargs)
+    if backbone == MOBILEONE:
+        return mobileone(variant, num_classes=num_classes, **(backbone_kwargs or {}))
+    if backbone.startswith(TIMM_PREFIX):
+        return _timm().create_model(backbone.removeprefix(TIMM_PREFIX), num_classes=num_classes, **_timm_weights(weights))
+    return _torchvision_network(backbone, weights, num_classes)
+
+
+def _set_dilation(conv: nn.Conv2d, dilation: int) -> None:
+    kernel = conv.kernel_size[0]
+    conv.dilation = (dilation, dilation)
+    conv.padding = (dilation * (kernel - 1) // 2,) * 2
+
+
+def dilate_(features: nn.Module, output_stride: int) -> nn.Module:
+    """In place: make the convolutions of ``features`` (in registration order, which is the
+    forward order of torchvision's mobile networks) stop striding at ``output_stride`` and dilate
+    the later k x k convolutions instead. Returns ``features``."""
+    reduction, dilation = 1, 1
+    for conv in (m for m in features.modules() if isinstance(m, nn.Conv2d)):
+        stride = conv.stride[0]
+        if stride > 1 and reduction * stride > output_stride:
+            conv.stride = (1, 1)
+            if conv.kernel_size[0] > 1:
+                _set_dilation(conv, dilation)  # the strided conv keeps the previous dilation
+            dilation *= stride
+            continue
+        reduction *= stride
+        if conv.kernel_size[0] > 1 and dilation > 1:
+            _set_dilation(conv, dilation)
+    return features
+
+
+class TorchvisionFeatures(nn.Module):
+    """C4 and C5 of a torchvision mobile network's ``features`` (see the module docstring).
+
+    The parameter names are the network's own (``features.<i>...``), so torchvision ImageNet
+    checkpoints load (the classifier is dropped).
+    """
+
+    def __init__(self, name: str, output_stride: int = 32, weights: str | None = None) -> None:
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        features = _torchvision_network(name, weights).features
+        with torch.no_grad():
+            probe, sizes, channels = torch.zeros(1, 3, 64, 64), [], []
+            for block in features.eval():
+                probe = block(probe)
+                sizes.append(64 // probe.shape[-1])
+                channels.append(probe.shape[1])
+        self.taps = (max(i for i, r in enumerate(sizes) if r == 16), len(features) - 1)
+        self.features = dilate_(features.train(), output_stride)
+        self.feature_info = FeatureInfo(
+            {"num_chs": channels[i], "reduction": min(sizes[i], output_stride), "module": f"features.{i}"} for i in self.taps
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for index, block in enumerate(self.features):
+            x = block(x)
+            if index in self.taps:
+                outputs.append(x)
+        return outputs
+
+
+class TimmFeatures(nn.Module):
+    """C4 and C5 of a timm model's ``features_only`` form, dilated by timm itself."""
+
+    def __init__(self, name: str, output_stride: int = 32, weights: str | None = None) -> None:
+        super().__init__()
+        timm = _timm()
+        reductions = timm.create_model(name, features_only=True, pretrained=False).feature_info.reduction()
+        taps = [max(i for i, r in enumerate(reductions) if r == target) for target in (16, 32) if target in reductions]
+        if len(taps) != 2:
+            raise ValueError(f"timm model {name!r} has no feature levels at strides 16 and 32 (it has {reductions})")
+        self.body = timm.create_model(name, features_only=True, out_indices=taps, output_stride=output_stride, **_timm_weights(weights))
+        self.feature_info = FeatureInfo(
+            {"num_chs": c, "reduction": min(r, output_stride), "module": m}
+            for c, r, m in zip(self.body.feature_info.channels(), self.body.feature_info.reduction(), self.body.feature_info.module_name())
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.body(x))
+
+
+def feature_extractor(
+    backbone: str = MOBILEONE,
+    variant: str = "s0",
+    output_stride: int = 32,
+    weights: str | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """C4 and C5 of ``backbone`` as a module returning ``[C4, C5]`` with a timm-style ``feature_info``.
+
+    ``weights``: for MobileOne an ImageNet checkpoint (Apple's or one of our ``.ckpt``; see
+    ``backbones.load_checkpoint``), for torchvision networks a torchvision state dict or one of our
+    classification ``.ckpt`` files, for timm a local file timm can load.
+    """
+    _check(backbone, backbone_kwargs)
+    if backbone == MOBILEONE:
+        network = mobileone(variant, out_indices=(3, 4), output_stride=output_stride, **(backbone_kwargs or {}))
+        if weights:
+            load_checkpoint(network, weights)
+        return network
+    if backbone.startswith(TIMM_PREFIX):
+        return TimmFeatures(backbone.removeprefix(TIMM_PREFIX), output_stride, weights)
+    return TorchvisionFeatures(backbone, output_stride, weights)
