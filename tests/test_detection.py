@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+import yaml
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -228,10 +229,31 @@ def test_missing_coco_root_shows_layout(tmp_path):
 DETECTION_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "detection").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def voc_root(coco_root, tmp_path_factory) -> Path:
+    """The demo set as Pascal VOC pair folders train/ and val/ of <name>.jpg + <name>.xml."""
+    root = tmp_path_factory.mktemp("voc") / "voc"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        data = json.loads((coco_root / "annotations" / f"instances_{split}2017.json").read_text())
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        for image in data["images"]:
+            (root / split / image["file_name"]).symlink_to(coco_root / f"{split}2017" / image["file_name"])
+            objects = "".join(
+                f"<object><name>{names[a['category_id']]}</name><difficult>0</difficult><bndbox><xmin>{x}</xmin>"
+                f"<ymin>{y}</ymin><xmax>{x + w}</xmax><ymax>{y + h}</ymax></bndbox></object>"
+                for a in data["annotations"] if a["image_id"] == image["id"] for x, y, w, h in [a["bbox"]]
+            )
+            size = f"<size><width>{image['width']}</width><height>{image['height']}</height></size>"
+            (root / split / Path(image["file_name"]).with_suffix(".xml")).write_text(f"<annotation>{size}{objects}</annotation>")
+    return root
+
+
 @pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=[p.stem for p in DETECTION_CONFIGS])
-def test_every_shipped_config_runs(config, coco_root, tmp_path, monkeypatch):
+def test_every_shipped_config_runs(config, coco_root, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "generated" if config.stem == "demo" else coco_root
+    data_format = (yaml.safe_load(config.read_text()).get("data") or {}).get("format", "coco")
+    root = tmp_path / "generated" if config.stem == "demo" else coco_root if data_format == "coco" else request.getfixturevalue(f"{data_format}_root")
     main(["fit", "--config", str(config), f"--data.root={root}", "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu",
           "--trainer.devices=1", "--trainer.precision=32-true", "--data.batch_size=2", "--data.num_workers=0",
           "--data.image_size=128", "--trainer.enable_progress_bar=false"])

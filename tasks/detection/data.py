@@ -1,4 +1,5 @@
-"""COCO-format detection data (COCO 2017 or any json + image directory), and the demo set."""
+"""Detection data: COCO-format json (COCO 2017 or any json + image directory), Pascal VOC XML or YOLO txt
+(converted to COCO-format dicts by ``tasks.detection.formats``), and the demo set."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import os
 import random
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -20,73 +22,105 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from tasks.common.data import list_images, make_loader, read_image, write_dataset_atomically
+from tasks.detection.formats import (
+    VOC_LAYOUT,
+    YOLO_LAYOUT,
+    ConvertedAnnotations,
+    InvalidAnnotationError,
+    read_voc,
+    read_voc_folder,
+    read_yolo,
+    voc_annotation_files,
+    voc_class_names,
+    yolo_class_names,
+)
 
 __all__ = ["COCODetection", "CocoAnnotations", "InvalidAnnotationError", "make_demo_coco"]
 
 DEMO_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"})
 
 
-class InvalidAnnotationError(ValueError):
-    """An annotation that cannot be used (with ``strict=True``)."""
-
-
 class CocoAnnotations:
-    """A COCO-format json read and checked once: images, category mapping, cleaned boxes.
+    """COCO-format annotations read and checked once: images, category mapping, cleaned boxes.
+
+    ``annotations`` is a COCO json file, or a COCO-format dict in memory (e.g. ``data`` of a
+    ``tasks.detection.formats`` reader, see ``from_converted``) with ``source`` naming where it
+    came from in messages; an annotation's optional ``origin`` (e.g. ``"x.xml: object 2 ('apple')"``)
+    replaces ``"<source>: annotation id N"`` in them. ``file_name`` is relative to ``image_dir``
+    (or absolute).
 
     Category ids map to contiguous labels 1..K (0 is the background) and back. Problems are
-    counted per kind and reported in one warning, or with ``strict`` raise an error naming the
-    json file and the annotation or image id: boxes with zero or negative width or height are
-    dropped; boxes reaching outside the image are clipped (dropped if nothing is left); unknown
-    category ids are dropped; images whose file is missing are dropped.
+    counted per kind and reported in one warning (with ``problems`` counted before, e.g. by a
+    format reader), or with ``strict`` raise an error naming the json file (or the origin) and the
+    annotation or image id: boxes with zero or negative width or height are dropped; boxes
+    reaching outside the image are clipped (dropped if nothing is left); unknown category ids are
+    dropped; images whose file is missing are dropped.
     """
 
-    def __init__(self, annotation_file: str | os.PathLike, image_dir: str | os.PathLike, strict: bool = False) -> None:
-        self.path = Path(annotation_file)
+    def __init__(
+        self,
+        annotations: str | os.PathLike | dict[str, Any],
+        image_dir: str | os.PathLike,
+        strict: bool = False,
+        source: str | None = None,
+        problems: Mapping[str, int] | None = None,
+    ) -> None:
         self.image_dir = Path(image_dir)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"annotation file {self.path} does not exist")
+        if isinstance(annotations, dict):
+            self.path = None
+            self.source = source or "COCO-format annotations (in memory)"
+            data = annotations
+        else:
+            self.path = Path(annotations)
+            self.source = source or str(self.path)
+            if not self.path.is_file():
+                raise FileNotFoundError(f"annotation file {self.path} does not exist")
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image directory {self.image_dir} does not exist")
-        with open(self.path) as handle:
-            data = json.load(handle)
+        if self.path is not None:
+            with open(self.path) as handle:
+                data = json.load(handle)
         for key in ("images", "annotations", "categories"):
             if key not in data:
-                raise ValueError(f"{self.path} is not a COCO detection file: no {key!r} key")
+                raise ValueError(f"{self.source} is not a COCO detection file: no {key!r} key")
         self.categories = sorted(data["categories"], key=lambda c: c["id"])
         self.category_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
         self.label_to_category = {label: cid for cid, label in self.category_to_label.items()}
         self.class_names = [c["name"] for c in self.categories]
-        problems: Counter = Counter()
+        problems = Counter(problems or {})
 
-        def problem(kind: str, detail: str) -> None:
+        def problem(kind: str, where: dict[str, Any], subject: str, detail: str) -> None:
             if strict:
-                raise InvalidAnnotationError(f"{self.path}: {detail}")
+                origin = where.get("origin")
+                raise InvalidAnnotationError(f"{origin}: {detail}" if origin else f"{self.source}: {subject}: {detail}")
             problems[kind] += 1
 
         self.images: dict[int, dict[str, Any]] = {}
         for image in data["images"]:
             if not (self.image_dir / image["file_name"]).is_file():
-                problem("missing image file", f"image id {image['id']}: file {self.image_dir / image['file_name']} is missing")
+                problem("missing image file", image, f"image id {image['id']}", f"file {self.image_dir / image['file_name']} is missing")
                 continue
             self.images[image["id"]] = {**image, "annotations": []}
         for annotation in data["annotations"]:
             image = self.images.get(annotation["image_id"])
             if image is None:
                 continue
+            subject = f"annotation id {annotation['id']}"
             if annotation["category_id"] not in self.category_to_label:
-                problem("unknown category id", f"annotation id {annotation['id']}: unknown category id {annotation['category_id']}")
+                problem("unknown category id", annotation, subject, f"unknown category id {annotation['category_id']}")
                 continue
             x, y, w, h = (float(v) for v in annotation["bbox"])
             if w <= 0 or h <= 0:
-                problem("zero or negative width/height", f"annotation id {annotation['id']}: bbox {annotation['bbox']} has no area")
+                problem("zero or negative width/height", annotation, subject, f"bbox {annotation['bbox']} has no area")
                 continue
             x1, y1 = max(0.0, x), max(0.0, y)
             x2, y2 = min(float(image["width"]), x + w), min(float(image["height"]), y + h)
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+                image_name = f"the {image['width']}x{image['height']} image" if "origin" in annotation else f"image id {image['id']}"
                 if x2 <= x1 or y2 <= y1:
-                    problem("box outside the image", f"annotation id {annotation['id']}: bbox {annotation['bbox']} lies outside image id {image['id']}")
+                    problem("box outside the image", annotation, subject, f"bbox {annotation['bbox']} lies outside {image_name}")
                     continue
-                problem("box clipped to the image", f"annotation id {annotation['id']}: bbox {annotation['bbox']} reaches outside image id {image['id']}")
+                problem("box clipped to the image", annotation, subject, f"bbox {annotation['bbox']} reaches outside {image_name}")
             image["annotations"].append(
                 {
                     "box": [x1, y1, x2, y2],
@@ -97,8 +131,14 @@ class CocoAnnotations:
             )
         if problems:
             counts = ", ".join(f"{kind}: {count}" for kind, count in sorted(problems.items()))
-            warnings.warn(f"{self.path}: fixed or dropped bad annotations ({counts}); pass strict=True to raise instead")
+            hint = "" if strict else "; pass strict=True to raise instead"
+            warnings.warn(f"{self.source}: fixed or dropped bad annotations ({counts}){hint}")
         self.problems = dict(problems)
+
+    @classmethod
+    def from_converted(cls, converted: ConvertedAnnotations, strict: bool = False) -> CocoAnnotations:
+        """The annotations a ``tasks.detection.formats`` reader converted, with its problems in the one warning."""
+        return cls(converted.data, converted.image_dir, strict, source=converted.source, problems=converted.problems)
 
     def image_ids(self, with_boxes_only: bool) -> list[int]:
         """Image ids; for training, only images with at least one non-crowd box."""
@@ -165,9 +205,23 @@ def collate_lists(batch: list) -> tuple[list, list]:
 
 
 class COCODetection(pl.LightningDataModule):
-    """COCO 2017 under ``root`` (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``),
-    or any COCO-format json + image directory via ``train_ann`` / ``train_images`` /
-    ``val_ann`` / ``val_images``.
+    """Detection data in COCO, Pascal VOC or YOLO format (``format``), and the demo set.
+
+    - ``coco``: COCO 2017 under ``root`` (``annotations/instances_{train,val}2017.json``,
+      ``{train,val}2017/``), or any COCO-format json + image directory via ``train_ann`` /
+      ``train_images`` / ``val_ann`` / ``val_images``; the categories come from the json.
+    - ``voc`` (Pascal VOC XML): the VOC2007/2012 layout if ``root/Annotations`` exists
+      (``JPEGImages/<id>.jpg``, ``ImageSets/Main/<train_split|val_split>.txt``); otherwise folders
+      of ``<name>.jpg`` + ``<name>.xml`` pairs: ``train_images`` / ``val_images`` if given, else
+      ``root/<train_split>/`` and ``root/<val_split>/``. ``difficult`` objects are crowd boxes: left
+      out of training targets, ignored by the evaluation.
+    - ``yolo``: ``root/images/<split>/<name>.jpg`` + ``root/labels/<split>/<name>.txt`` for the
+      splits ``train_split`` / ``val_split``; images without labels are kept as negatives.
+
+    For voc and yolo the categories are ``class_names`` if given (ids 1..K in that order; objects
+    of other classes are dropped and counted, or an error with ``strict``), else for voc the
+    sorted names in the training split's XML files, for yolo ``root/data.yaml``'s ``names`` or
+    ``root/classes.txt`` (ids 1..K in class-index order). See ``tasks.detection.formats``.
 
     Training augmentation (SSD's): photometric distortion, expand (zoom out 1-``zoom_out``x, 4 in
     the paper's setup), min-IoU random crop, resize to ``image_size``, horizontal flip. Evaluation images keep their size (the model
@@ -183,6 +237,10 @@ class COCODetection(pl.LightningDataModule):
         train_images: str | None = None,
         val_ann: str | None = None,
         val_images: str | None = None,
+        format: Literal["coco", "voc", "yolo"] = "coco",
+        class_names: list[str] | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
         image_size: int = 320,
         zoom_out: float = 4.0,
         batch_size: int = 32,
@@ -196,13 +254,29 @@ class COCODetection(pl.LightningDataModule):
         demo_images: int = 240,
     ) -> None:
         super().__init__()
-        if root is None and (train_ann is None or val_ann is None):
-            raise ValueError("give root (COCO 2017 layout) or train_ann/train_images and val_ann/val_images")
+        if format not in ("coco", "voc", "yolo"):
+            raise ValueError(f"format must be coco, voc or yolo, not {format!r}")
         base = Path(root) if root else None
-        self.train_ann = Path(train_ann) if train_ann else base / "annotations" / "instances_train2017.json"
-        self.train_images = Path(train_images) if train_images else base / "train2017"
-        self.val_ann = Path(val_ann) if val_ann else base / "annotations" / "instances_val2017.json"
-        self.val_images = Path(val_images) if val_images else base / "val2017"
+        self.format = format
+        self.train_split = train_split
+        self.val_split = val_split
+        self.voc_layout = False
+        if format == "coco":
+            if root is None and (train_ann is None or val_ann is None):
+                raise ValueError("give root (COCO 2017 layout) or train_ann/train_images and val_ann/val_images")
+            if class_names is not None:
+                raise ValueError("class_names is for format voc or yolo: COCO json files name their categories")
+            self.train_ann = Path(train_ann) if train_ann else base / "annotations" / "instances_train2017.json"
+            self.train_images = Path(train_images) if train_images else base / "train2017"
+            self.val_ann = Path(val_ann) if val_ann else base / "annotations" / "instances_val2017.json"
+            self.val_images = Path(val_images) if val_images else base / "val2017"
+        else:
+            if demo:
+                raise ValueError("demo generates a COCO-format set: it needs format coco")
+            if train_ann is not None or val_ann is not None:
+                raise ValueError(f"train_ann / val_ann are COCO json files; format {format} reads its annotation files from root")
+            self.train_ann = self.val_ann = None
+            self.train_images, self.val_images = self._locate(format, base, train_images, val_images)
         self.root = base
         self.image_size = image_size
         self.zoom_out = zoom_out
@@ -215,6 +289,9 @@ class COCODetection(pl.LightningDataModule):
         self.predict_dir = predict_dir
         self.demo = demo
         self.demo_images = demo_images
+        if format != "coco":
+            self.class_names = list(class_names) if class_names is not None else self._read_class_names()
+            return
         if demo:
             categories = list(DEMO_CATEGORIES)
         else:
@@ -227,6 +304,43 @@ class COCODetection(pl.LightningDataModule):
             with open(self.train_ann) as handle:
                 categories = json.load(handle).get("categories", [])
         self.class_names = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+
+    def _locate(self, format: str, base: Path | None, train_images: str | None, val_images: str | None) -> tuple[Path, Path]:
+        """The image directories of the voc and yolo layouts; errors name what is missing and the layout expected."""
+        if format == "yolo":
+            if base is None or train_images is not None or val_images is not None:
+                raise ValueError("format yolo needs root (images/<split>/, labels/<split>/) and no train_images / val_images")
+            for required in (base / "images" / self.train_split, base / "labels" / self.train_split):
+                if not required.is_dir():
+                    raise FileNotFoundError(f"{required} does not exist; expected the YOLO layout under {base}: {YOLO_LAYOUT}")
+            return base / "images" / self.train_split, base / "images" / self.val_split
+        if base is not None and (base / "Annotations").is_dir():
+            if train_images is not None or val_images is not None:
+                raise ValueError(f"{base} has the Pascal VOC layout (Annotations/): train_images / val_images are for folders of pairs")
+            self.voc_layout = True
+            voc_annotation_files(base, self.train_split)  # raises naming what is missing
+            return base / "JPEGImages", base / "JPEGImages"
+        if base is None and (train_images is None or val_images is None):
+            raise ValueError("format voc needs root, or train_images and val_images (folders of <name>.jpg + <name>.xml pairs)")
+        train = Path(train_images) if train_images else base / self.train_split
+        val = Path(val_images) if val_images else base / self.val_split
+        if not train.is_dir():
+            raise FileNotFoundError(
+                f"{train} does not exist; expected Pascal VOC under {base}: the VOC layout ({VOC_LAYOUT}), or folders "
+                f"{self.train_split}/ and {self.val_split}/ of <name>.jpg + <name>.xml pairs (or pass train_images / val_images)"
+                if train_images is None else f"{train} does not exist; expected a folder of <name>.jpg + <name>.xml pairs"
+            )
+        return train, val
+
+    def _read_class_names(self) -> list[str]:
+        """voc: the sorted object names of the training split's XML files; yolo: data.yaml or classes.txt."""
+        if self.format == "yolo":
+            return yolo_class_names(self.root)
+        xml_files = voc_annotation_files(self.root, self.train_split) if self.voc_layout else sorted(self.train_images.glob("*.xml"))
+        names = voc_class_names(xml_files)
+        if not names:
+            raise ValueError(f"no object names in the XML files of {self.train_images if not self.voc_layout else self.root}: pass class_names")
+        return names
 
     @property
     def num_classes(self) -> int:
@@ -257,11 +371,11 @@ class COCODetection(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.train_coco = CocoAnnotations(self.train_ann, self.train_images, self.strict)
+            self.train_coco = self.annotations("train")
             self._check_categories(self.train_coco)
             self.train_dataset = CocoImages(self.train_coco, train=True, transform=self.train_transform())
         if stage in ("fit", "validate", "test"):
-            self.val_coco = CocoAnnotations(self.val_ann, self.val_images, self.strict)
+            self.val_coco = self.annotations("val")
             self._check_categories(self.val_coco)
             self.val_dataset = CocoImages(self.val_coco, train=False, transform=self.eval_transform())
         if stage == "predict":
@@ -269,12 +383,28 @@ class COCODetection(pl.LightningDataModule):
                 raise ValueError("predict needs --data.predict_dir: a directory of images")
             self.predict_dataset = FolderImages(Path(self.predict_dir))
 
+    def annotations(self, split: Literal["train", "val"]) -> CocoAnnotations:
+        """The training or validation annotations, read in any ``format`` and checked."""
+        images = self.train_images if split == "train" else self.val_images
+        if self.format == "coco":
+            return CocoAnnotations(self.train_ann if split == "train" else self.val_ann, images, self.strict)
+        name = self.train_split if split == "train" else self.val_split
+        if self.format == "yolo":
+            converted = read_yolo(self.root, name, self.class_names, self.strict)
+        elif self.voc_layout:
+            converted = read_voc(self.root, name, self.class_names, self.strict)
+        else:
+            converted = read_voc_folder(images, self.class_names, self.strict)
+        return CocoAnnotations.from_converted(converted, self.strict)
+
     def _check_categories(self, coco: CocoAnnotations) -> None:
         if coco.class_names != self.class_names:
-            raise ValueError(f"{coco.path} has categories {coco.class_names}, the training set {self.class_names}")
+            raise ValueError(f"{coco.source} has categories {coco.class_names}, the training set {self.class_names}")
 
     def label_to_category(self) -> dict[int, int]:
-        """Contiguous label -> the dataset's category id, for writing COCO results."""
+        """Contiguous label -> the dataset's category id, for writing COCO results (voc, yolo: ids 1..K, the labels)."""
+        if self.format != "coco":
+            return {label: label for label in range(1, len(self.class_names) + 1)}
         coco = getattr(self, "val_coco", None) or CocoAnnotations(self.val_ann, self.val_images)
         return coco.label_to_category
 
