@@ -164,6 +164,47 @@ def test_folder_dataset_with_grayscale_and_palette_masks(tmp_path):
           f"--data.init_args.masks={tmp_path / 'masks'}", "--data.init_args.num_classes=3", "--data.init_args.crop_size=32"])
 
 
+def _write_folder_set(root: Path, classes: tuple[str, ...] = ("road", "car", "sky")) -> Path:
+    """root/{train,val}/{images,masks} with 60x80 images and label masks, and root/classes.json."""
+    for split, count in (("train", 4), ("val", 2)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(count):
+            labels = np.zeros((60, 80), dtype=np.uint8)
+            labels[20:40] = 1 + i % 2
+            labels[:2] = 255
+            Image.fromarray(np.full((60, 80, 3), 40 * i, dtype=np.uint8)).save(root / split / "images" / f"{split}{i}.jpg")
+            Image.fromarray(labels, mode="L").save(root / split / "masks" / f"{split}{i}.png")
+    (root / "classes.json").write_text(json.dumps(list(classes)))
+    return root
+
+
+def test_folder_root_with_classes_json_and_eval_scale(tmp_path):
+    root = _write_folder_set(tmp_path / "scenes")
+    data = FolderSegmentation(root=str(root), num_workers=0, eval_scale=0.5)
+    assert data.class_names == ["road", "car", "sky"] and data.num_classes == 3
+    assert [p[0].name for p in data.pairs("val")] == ["val0.jpg", "val1.jpg"]
+    data.setup("validate")
+    image, mask = data.val_dataset[0]
+    assert image.shape == (3, 30, 40) and mask.shape == (30, 40), "evaluation at half size"
+    assert mask[10:20].unique().tolist() == [1] and mask[0].unique().tolist() == [255], "masks scaled nearest"
+    (root / "classes.json").write_text('{"0": "road"}')
+    with pytest.raises(ValueError, match=r"classes.json must hold a JSON list"):
+        FolderSegmentation(root=str(root))
+    with pytest.raises(ValueError, match=r"eval_scale must be in \(0, 1\]"):
+        FolderSegmentation(root=str(root), class_names=["a", "b", "c"], eval_scale=2)
+
+
+def test_per_class_iou_is_logged(tmp_path):
+    root = _write_folder_set(tmp_path / "scenes")
+    main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs=1",
+          "--data.class_path=tasks.segmentation.data.FolderSegmentation", f"--data.init_args.root={root}",
+          "--data.init_args.crop_size=32", f"--trainer.logger={{class_path: CSVLogger, init_args: {{save_dir: {tmp_path}, name: ''}}}}"])
+    (metrics,) = tmp_path.glob("version_*/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert {"val/IoU/road", "val/mIoU"} <= set(header), header
+
+
 def test_bad_masks_are_named(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
@@ -244,6 +285,8 @@ def test_every_shipped_config_runs(config, voc_root, tmp_path, monkeypatch):
         _write_ade(root, labels)
     if config.stem == "demo":
         root = tmp_path / "generated" / "VOCdevkit"
+    if config.stem == "camvid":  # an image/mask folder set
+        root = _write_folder_set(tmp_path / "scenes")
     main(["fit", "--config", str(config), f"--data.init_args.root={root}", "--trainer.fast_dev_run=1",
           "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--data.init_args.batch_size=2",
           "--data.init_args.num_workers=0", "--data.init_args.crop_size=48", "--trainer.enable_progress_bar=false"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -168,7 +169,9 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     Training: random scale (``scale_range``), random crop ``crop_size`` (padding images with 0 and
     masks with ``ignore_index``), horizontal flip, photometric jitter, normalization. Evaluation and
-    ``predict``: the whole image at its original resolution (batches padded, padding ignored).
+    ``predict``: the whole image at its original resolution (batches padded, padding ignored), or
+    scaled by ``eval_scale`` (images bilinear, masks nearest: the metric is then that of the
+    downscaled set; a budget setting, e.g. for CPU runs; 1.0 is the standard protocol).
 
     ``num_classes``, ``class_names`` and ``ignore_index`` are linked into the model by the CLI.
     """
@@ -189,8 +192,12 @@ class SegmentationDataModule(pl.LightningDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         predict_dir: str | None = None,
+        eval_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0 < eval_scale <= 1:
+            raise ValueError(f"eval_scale must be in (0, 1], got {eval_scale}")
+        self.eval_scale = eval_scale
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
@@ -225,7 +232,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
 
     def eval_transform(self) -> v2.Transform:
-        return v2.Compose(self._normalize())
+        scale = [RandomScale((self.eval_scale, self.eval_scale))] if self.eval_scale != 1 else []
+        return v2.Compose([*scale, *self._normalize()])
 
     def _dataset(self, split: str, transform: v2.Transform) -> SegmentationPairs:
         pairs = self.pairs(split)
@@ -339,24 +347,39 @@ class ADE20K(SegmentationDataModule):
 class FolderSegmentation(SegmentationDataModule):
     """Any images/masks folder pair with matching file stems (palette or grayscale PNG masks).
 
-    Validation comes from ``val_images`` / ``val_masks`` when given, else from a deterministic
-    ``val_fraction`` of the training pairs. Give ``class_names`` (or ``num_classes``).
+    Either ``root`` holding ``train/images``, ``train/masks``, ``val/images``, ``val/masks`` (and
+    optionally ``classes.json``, a list of class names in label order), or the folders one by one:
+    ``images`` / ``masks``, and for validation ``val_images`` / ``val_masks``, else a deterministic
+    ``val_fraction`` of the training pairs. Give ``class_names`` (or ``num_classes``) unless
+    ``root/classes.json`` has them.
     """
 
     def __init__(
         self,
-        images: str,
-        masks: str,
+        images: str | None = None,
+        masks: str | None = None,
         val_images: str | None = None,
         val_masks: str | None = None,
         val_fraction: float = 0.1,
         class_names: list[str] | None = None,
         num_classes: int | None = None,
+        root: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if root is not None:
+            base = Path(root)
+            images, masks = images or str(base / "train" / "images"), masks or str(base / "train" / "masks")
+            val_images, val_masks = val_images or str(base / "val" / "images"), val_masks or str(base / "val" / "masks")
+            classes_file = base / "classes.json"
+            if class_names is None and num_classes is None and classes_file.is_file():
+                class_names = json.loads(classes_file.read_text())
+                if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
+                    raise ValueError(f"{classes_file} must hold a JSON list of class names in label order")
+        if images is None or masks is None:
+            raise ValueError("FolderSegmentation needs root, or images and masks")
         if class_names is None and num_classes is None:
-            raise ValueError("FolderSegmentation needs class_names (or num_classes)")
+            raise ValueError("FolderSegmentation needs class_names (or num_classes, or root/classes.json)")
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.images, self.masks = Path(images), Path(masks)
         self.val_images = Path(val_images) if val_images else None

@@ -135,8 +135,11 @@ class SemanticSegmentationTask(ChannelsLastMixin, pl.LightningModule):
         self.confusion.reset()
         self.log(f"{prefix}/mIoU", miou, prog_bar=True)
         self.log(f"{prefix}/pixel_acc", accuracy)
+        names = self.hparams.class_names or [str(i) for i in range(len(iou))]
+        for name, value in zip(names, iou.tolist()):
+            if value == value:  # classes absent from targets and predictions have no IoU
+                self.log(f"{prefix}/IoU/{name}", value)
         if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            names = self.hparams.class_names or [str(i) for i in range(len(iou))]
             width = max(len(n) for n in names)
             rows = [f"{'class':<{width}}  IoU"] + [
                 f"{name:<{width}}  {'   n/a' if value != value else f'{100 * value:6.2f}'}" for name, value in zip(names, iou.tolist())
