@@ -287,3 +287,18 @@ def test_coco_evaluation_counts_repeated_images_once():
     first, second = once.compute(), twice.compute()
     assert {k: float(v) for k, v in first.items()} == {k: float(v) for k, v in second.items()}
     assert 0 < float(first["map_50"]) < 1, "the false positive on the empty image counts"
+
+
+def test_train_max_size_shrinks_large_images_with_their_boxes():
+    from torchvision import tv_tensors
+
+    from tasks.detection.data import ShrinkToMaxSize
+
+    shrink = ShrinkToMaxSize(100)
+    image = tv_tensors.Image(torch.zeros(3, 300, 200, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[20.0, 30.0, 200.0, 300.0]]), format="XYXY", canvas_size=(300, 200))
+    small, small_boxes = shrink(image, boxes)
+    assert small.shape == (3, 100, 67) and small_boxes.canvas_size == (100, 67)
+    assert torch.allclose(small_boxes, torch.tensor([[20 * 67 / 200, 10.0, 67.0, 100.0]]), atol=1e-4)
+    little = tv_tensors.Image(torch.zeros(3, 50, 20, dtype=torch.uint8))
+    assert shrink(little).shape == (3, 50, 20), "smaller images are not enlarged"

@@ -148,6 +148,23 @@ class CocoAnnotations:
         ]
 
 
+class ShrinkToMaxSize(v2.Transform):
+    """Scale an image (and its boxes) down so that its longer side is at most ``max_size``; smaller
+    images pass unchanged."""
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__()
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        scale = self.max_size / max(height, width)
+        return {"size": [max(1, round(height * scale)), max(1, round(width * scale))] if scale < 1 else None}
+
+    def transform(self, inpt: Any, params: dict) -> Any:
+        return inpt if params["size"] is None else v2.functional.resize(inpt, params["size"], antialias=True)
+
+
 class CocoImages(Dataset):
     """Images and targets: ``(image float [0, 1], {"boxes" xyxy, "labels", "iscrowd", "area", "image_id"})``.
 
@@ -224,8 +241,11 @@ class COCODetection(pl.LightningDataModule):
     ``root/classes.txt`` (ids 1..K in class-index order). See ``tasks.detection.formats``.
 
     Training augmentation (SSD's): photometric distortion, expand (zoom out 1-``zoom_out``x, 4 in
-    the paper's setup), min-IoU random crop, resize to ``image_size``, horizontal flip. Evaluation images keep their size (the model
-    resizes them and maps boxes back).
+    the paper's setup), min-IoU random crop, resize to ``image_size``, horizontal flip; with
+    ``train_max_size``, training images whose longer side exceeds it are first scaled down to it
+    (boxes with them), which spares the augmentation work on large photos (a few pixels of detail in
+    the tightest crops are the only cost; ``2 * image_size`` or more keeps nearly all). Evaluation
+    images keep their size (the model resizes them and maps boxes back).
 
     ``num_classes`` (categories + background) and ``class_names`` are linked into the model.
     """
@@ -243,6 +263,7 @@ class COCODetection(pl.LightningDataModule):
         val_split: str = "val",
         image_size: int = 320,
         zoom_out: float = 4.0,
+        train_max_size: int | None = None,
         batch_size: int = 32,
         val_batch_size: int = 8,
         num_workers: int = 4,
@@ -280,6 +301,7 @@ class COCODetection(pl.LightningDataModule):
         self.root = base
         self.image_size = image_size
         self.zoom_out = zoom_out
+        self.train_max_size = train_max_size
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
@@ -354,8 +376,10 @@ class COCODetection(pl.LightningDataModule):
             make_demo_coco(self.root, self.demo_images, max(16, self.demo_images // 4))
 
     def train_transform(self) -> v2.Transform:
+        shrink = [ShrinkToMaxSize(self.train_max_size)] if self.train_max_size else []
         return v2.Compose(
             [
+                *shrink,
                 v2.RandomPhotometricDistort(p=0.5),
                 v2.RandomZoomOut(fill={tv_tensors.Image: (124, 116, 104), "others": 0}, side_range=(1.0, self.zoom_out), p=0.5),
                 v2.RandomIoUCrop(),
