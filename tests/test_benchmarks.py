@@ -108,3 +108,28 @@ def test_compiled_training_runs_on_cpu():
 
     rows = measure(["s0"], batch_sizes=[2], modes=["compile"], steps=1, warmup=1, peers=False)
     assert [(r["model"], r["mode"]) for r in rows] == [("mobileone_s0", "compile")]
+
+
+def test_real_data_reads_curves_and_rewrites_only_its_section(tmp_path):
+    from benchmarks.real_data import SECTION_BEGIN, SECTION_END, SETTINGS, _metrics, markdown, write_section
+
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss,val/mIoU,val/IoU/road\n0,4,1.5,,\n0,5,,0.25,0.5\n1,9,1.2,,\n1,10,,0.4,0.75\n")
+    curve = _metrics(metrics)
+    assert curve == [{"epoch": 0, "mIoU": 0.25, "IoU/road": 0.5}, {"epoch": 1, "mIoU": 0.4, "IoU/road": 0.75}]
+    setting = SETTINGS["segmentation"]
+    run = {"task": "segmentation", "backbone": "mobileone", "seed": 0, "epochs": 2, "wall_s": 90.0, "final": curve[-1],
+           "untrained": {"mIoU": 0.01}, "curve": curve}
+    summary = {"command": "python -m benchmarks.real_data", "machine": "test box", "class_order": ["road"],
+               "settings": {"segmentation": {**vars(setting), "extra_metrics": list(setting.extra_metrics)}}, "runs": [run]}
+    section = markdown(summary)
+    assert "| segmentation | CamVid (11 classes) | mobileone | 0 | 2 | mIoU | **40.0** | 1.0 |" in section
+    assert "| mobileone | 0 | 75.0 |" in section, "per-class IoU row"
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# Results\n\nbefore\n\n{SECTION_BEGIN}\nold table\n{SECTION_END}\n\nafter\n")
+    write_section(results, section)
+    text = results.read_text()
+    assert "old table" not in text and "**40.0**" in text
+    assert text.startswith("# Results\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    write_section(results, section)
+    assert results.read_text() == text, "rewriting is idempotent"
