@@ -246,7 +246,7 @@ def markdown(summary: dict) -> str:
         "budget (same recipe, epochs, image size, batch and seed; only `--model.backbone` changes). They are "
         "not the paper's figures, which start from ImageNet and train for hundreds of GPU epochs.",
         "",
-        f"Made by `{summary['command']}`; machine: {summary['machine']}. Recipes: "
+        "Made by " + " and ".join(f"`{c}`" for c in summary["commands"]) + f"; machine: {summary['machine']}. Recipes: "
         + ", ".join(f"`{s['config']}`" for s in summary["settings"].values())
         + ". Metrics in %, on the validation split, after the last epoch; \"untrained\" is the same network "
         "before training (random initialization). Wall time: training only (`fit`), runs one at a time.",
@@ -291,6 +291,18 @@ def write_section(markdown_path: Path, section: str) -> None:
     os.replace(scratch, markdown_path)
 
 
+def merge(earlier: dict, new: dict) -> dict:
+    """``new`` on top of an earlier summary: its runs replace those of the same task, backbone and
+    seed, the others stay (e.g. a second seed, or one task rerun)."""
+    key = lambda run: (run["task"], run["backbone"], run["seed"])  # noqa: E731
+    replaced = {key(run) for run in new["runs"]}
+    runs = [run for run in earlier["runs"] if key(run) not in replaced] + new["runs"]
+    order = list(SETTINGS)
+    runs.sort(key=lambda run: (order.index(run["task"]), run["seed"]))
+    return {**new, "commands": [*earlier.get("commands", []), *new["commands"]],
+            "settings": {**earlier["settings"], **new["settings"]}, "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS,
@@ -305,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "real_data",
                         help="summary.json, curves and prediction pictures")
     parser.add_argument("--results-md", type=Path, default=None, help="Markdown file whose real-data section is rewritten")
+    parser.add_argument("--merge", action="store_true",
+                        help="add these runs to --results/summary.json (same task, backbone and seed replaced) instead of starting anew")
     args = parser.parse_args(argv)
 
     args.results.mkdir(parents=True, exist_ok=True)
@@ -313,17 +327,20 @@ def main(argv: list[str] | None = None) -> None:
     for setting in settings.values():
         task_runs = [run_one(setting, backbone, args.datasets_root, args.work_dir, args.epochs, seed, args.predictions)
                      for seed in args.seeds for backbone in args.backbones]
-        _plot_curves(task_runs, setting, args.results / f"{setting.task}_curves.png")
         _montage(task_runs, setting, args.results / f"{setting.task}_predictions.jpg")
         runs += task_runs
     classes_file = args.datasets_root / "camvid" / "classes.json"
+    command = "python -m benchmarks.real_data " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {
-        "command": "python -m benchmarks.real_data " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commands": [command],
         "machine": describe_machine("cpu", None),
         "settings": {t: {**vars(s), "extra_metrics": list(s.extra_metrics)} for t, s in settings.items()},
         "class_order": json.loads(classes_file.read_text()) if classes_file.is_file() else [],
         "runs": [{k: v for k, v in run.items() if k not in ("predictions", "inputs")} for run in runs],
     }
+    summary = merge(json.loads((args.results / "summary.json").read_text()), summary) if args.merge else summary
+    for task in settings:
+        _plot_curves([run for run in summary["runs"] if run["task"] == task], SETTINGS[task], args.results / f"{task}_curves.png")
     scratch = args.results / ".summary.json.tmp"
     scratch.write_text(json.dumps(summary, indent=1))
     os.replace(scratch, args.results / "summary.json")

@@ -120,7 +120,7 @@ def test_real_data_reads_curves_and_rewrites_only_its_section(tmp_path):
     setting = SETTINGS["segmentation"]
     run = {"task": "segmentation", "backbone": "mobileone", "seed": 0, "epochs": 2, "wall_s": 90.0, "final": curve[-1],
            "untrained": {"mIoU": 0.01}, "curve": curve}
-    summary = {"command": "python -m benchmarks.real_data", "machine": "test box", "class_order": ["road"],
+    summary = {"commands": ["python -m benchmarks.real_data"], "machine": "test box", "class_order": ["road"],
                "settings": {"segmentation": {**vars(setting), "extra_metrics": list(setting.extra_metrics)}}, "runs": [run]}
     section = markdown(summary)
     assert "| segmentation | CamVid (11 classes) | mobileone | 0 | 2 | mIoU | **40.0** | 1.0 |" in section

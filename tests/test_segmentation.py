@@ -195,14 +195,22 @@ def test_folder_root_with_classes_json_and_eval_scale(tmp_path):
         FolderSegmentation(root=str(root), class_names=["a", "b", "c"], eval_scale=2)
 
 
-def test_per_class_iou_is_logged(tmp_path):
+def test_folder_root_logs_per_class_iou_and_predicts_at_full_size(tmp_path):
     root = _write_folder_set(tmp_path / "scenes")
-    main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs=1",
-          "--data.class_path=tasks.segmentation.data.FolderSegmentation", f"--data.init_args.root={root}",
-          "--data.init_args.crop_size=32", f"--trainer.logger={{class_path: CSVLogger, init_args: {{save_dir: {tmp_path}, name: ''}}}}"])
+    data = ["--data.class_path=tasks.segmentation.data.FolderSegmentation", f"--data.init_args.root={root}",
+            "--data.init_args.crop_size=32", "--data.init_args.eval_scale=0.5"]
+    main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs=1", *data,
+          f"--trainer.logger={{class_path: CSVLogger, init_args: {{save_dir: {tmp_path}, name: ''}}}}"])
     (metrics,) = tmp_path.glob("version_*/metrics.csv")
     header = metrics.read_text().splitlines()[0].split(",")
     assert {"val/IoU/road", "val/mIoU"} <= set(header), header
+    (checkpoint,) = tmp_path.glob("**/last.ckpt")
+    out = tmp_path / "predictions"
+    main(["predict", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), *data, f"--ckpt_path={checkpoint}",
+          f"--data.init_args.predict_dir={root / 'val' / 'images'}", f"--predictions.output_dir={out}"])
+    with Image.open(out / "val0.png") as mask:
+        assert mask.size == (80, 60), "masks of downscaled evaluation come back at the image's size"
+    assert (out / "val0_overlay.jpg").is_file()
 
 
 def test_bad_masks_are_named(tmp_path):

@@ -114,7 +114,8 @@ class SegmentationPairs(Dataset):
 
 
 class ImagesOnly(Dataset):
-    """Images of a directory for ``predict``: (image, {"path", "size": original (H, W)})."""
+    """Images of a directory for ``predict``: (image, {"path", "size": original (H, W), "input_size":
+    the transformed image's (H, W)})."""
 
     def __init__(self, directory: Path, transform: v2.Transform) -> None:
         self.paths = list_images(directory)
@@ -127,8 +128,8 @@ class ImagesOnly(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image = read_image(self.paths[index])
-        info = {"path": str(self.paths[index]), "size": tuple(image.shape[-2:])}
-        return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor), info
+        transformed = self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+        return transformed, {"path": str(self.paths[index]), "size": tuple(image.shape[-2:]), "input_size": tuple(transformed.shape[-2:])}
 
 
 class RandomScale(v2.Transform):

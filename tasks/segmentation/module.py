@@ -155,11 +155,13 @@ class SemanticSegmentationTask(ChannelsLastMixin, pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
         images, infos = batch
-        predictions = self(images)["out"].argmax(1).to(torch.uint8).cpu()
-        return [
-            {"path": info["path"], "mask": prediction[: info["size"][0], : info["size"][1]].numpy()}
-            for prediction, info in zip(predictions, infos)
-        ]
+        results = []
+        for logits, info in zip(self(images)["out"], infos):
+            logits = logits[:, : info["input_size"][0], : info["input_size"][1]]  # without the batch padding
+            if tuple(info["input_size"]) != tuple(info["size"]):  # evaluated downscaled (eval_scale): back to the image
+                logits = F.interpolate(logits[None], size=tuple(info["size"]), mode="bilinear", align_corners=False)[0]
+            results.append({"path": info["path"], "mask": logits.argmax(0).to(torch.uint8).cpu().numpy()})
+        return results
 
     def configure_optimizers(self) -> dict[str, Any]:
         trainer = self.trainer
