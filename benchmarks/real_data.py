@@ -235,6 +235,14 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def tail_mean_sd(curve: list[dict], key: str, epochs: int = 5) -> tuple[float, float]:
+    """Mean and standard deviation of ``key`` over the last ``epochs`` validations: how much the
+    final figure moves from one epoch to the next, a floor for the noise of a comparison."""
+    values = [row[key] for row in curve if key in row][-epochs:]
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
 def markdown(summary: dict) -> str:
     """The real-data section of RESULTS.md from a summary."""
     lines = [
@@ -248,18 +256,22 @@ def markdown(summary: dict) -> str:
         "",
         "Made by " + " and ".join(f"`{c}`" for c in summary["commands"]) + f"; machine: {summary['machine']}. Recipes: "
         + ", ".join(f"`{s['config']}`" for s in summary["settings"].values())
-        + ". Metrics in %, on the validation split, after the last epoch; \"untrained\" is the same network "
-        "before training (random initialization). Wall time: training only (`fit`), runs one at a time.",
+        + ". Metrics in %, on the validation split, after the last epoch; \"last 5\" is the mean ± standard "
+        "deviation over the last five epochs' validations (how much the figure moves between epochs); "
+        "\"untrained\" is the same network before training (random initialization). Wall time: training "
+        "only (`fit`), runs one at a time.",
         "",
-        "| task | data | backbone | seed | epochs | metric | final | untrained | other | wall time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| task | data | backbone | seed | epochs | metric | final | last 5 | untrained | other | wall time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in summary["runs"]:
         setting = summary["settings"][run["task"]]
         other = ", ".join(f"{m} {_percent(run['final'][m])}" for m in setting["extra_metrics"] if m in run["final"] and m != "loss")
         lines.append(
             f"| {run['task']} | {setting['dataset']} | {run['backbone']} | {run['seed']} | {run['epochs']} | "
-            f"{setting['metric']} | **{_percent(run['final'][setting['metric']])}** | {_percent(run['untrained'][setting['metric']])} | "
+            f"{setting['metric']} | **{_percent(run['final'][setting['metric']])}** | "
+            f"{_percent(tail_mean_sd(run['curve'], setting['metric'])[0])} ± {_percent(tail_mean_sd(run['curve'], setting['metric'])[1])} | "
+            f"{_percent(run['untrained'][setting['metric']])} | "
             f"{other} | {run['wall_s'] / 60:.1f} min |"
         )
     segmentation = [r for r in summary["runs"] if r["task"] == "segmentation"]

@@ -123,7 +123,7 @@ def test_real_data_reads_curves_and_rewrites_only_its_section(tmp_path):
     summary = {"commands": ["python -m benchmarks.real_data"], "machine": "test box", "class_order": ["road"],
                "settings": {"segmentation": {**vars(setting), "extra_metrics": list(setting.extra_metrics)}}, "runs": [run]}
     section = markdown(summary)
-    assert "| segmentation | CamVid (11 classes) | mobileone | 0 | 2 | mIoU | **40.0** | 1.0 |" in section
+    assert "| segmentation | CamVid (11 classes) | mobileone | 0 | 2 | mIoU | **40.0** | 32.5 ± 10.6 | 1.0 |" in section
     assert "| mobileone | 0 | 75.0 |" in section, "per-class IoU row"
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# Results\n\nbefore\n\n{SECTION_BEGIN}\nold table\n{SECTION_END}\n\nafter\n")
