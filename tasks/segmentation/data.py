@@ -349,7 +349,8 @@ class FolderSegmentation(SegmentationDataModule):
     """Any images/masks folder pair with matching file stems (palette or grayscale PNG masks).
 
     Either ``root`` holding ``train/images``, ``train/masks``, ``val/images``, ``val/masks`` (and
-    optionally ``classes.json``, a list of class names in label order), or the folders one by one:
+    optionally ``classes.json``, a list of class names in label order), or (taking precedence over
+    ``root``) the folders one by one:
     ``images`` / ``masks``, and for validation ``val_images`` / ``val_masks``, else a deterministic
     ``val_fraction`` of the training pairs. Give ``class_names`` (or ``num_classes``) unless
     ``root/classes.json`` has them.
@@ -368,9 +369,9 @@ class FolderSegmentation(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if root is not None:
+        if root is not None and images is None and masks is None:  # folders given one by one take precedence
             base = Path(root)
-            images, masks = images or str(base / "train" / "images"), masks or str(base / "train" / "masks")
+            images, masks = str(base / "train" / "images"), str(base / "train" / "masks")
             val_images, val_masks = val_images or str(base / "val" / "images"), val_masks or str(base / "val" / "masks")
             classes_file = base / "classes.json"
             if class_names is None and num_classes is None and classes_file.is_file():
