@@ -122,3 +122,13 @@ def test_segmentation_with_efficientnet_trains_and_exports(tmp_path):
     (checkpoint,) = tmp_path.glob("**/last.ckpt")
     main(["export", *common, f"--ckpt_path={checkpoint}", f"--output={tmp_path / 'out'}"])
     assert _exported(tmp_path / "out")["architecture"] == "deeplabv3_efficientnet_b0"
+
+
+def test_mobileone_classifier_network_loads_weights_and_resets_other_class_count(tmp_path):
+    from backbones import mobileone
+
+    reference = mobileone("s0", num_classes=1000)
+    torch.save(reference.state_dict(), tmp_path / "s0.pth")
+    network = classifier_network("mobileone", "s0", num_classes=5, weights=str(tmp_path / "s0.pth"))
+    assert torch.equal(network.stage0.rbr_conv[0].conv.weight, reference.stage0.rbr_conv[0].conv.weight)
+    assert network.linear.out_features == 5

@@ -26,7 +26,7 @@ import torch
 import torchvision
 from torch import nn
 
-from backbones import FeatureInfo, load_checkpoint, mobileone
+from backbones import FeatureInfo, load_checkpoint, mobileone, read_state_dict
 
 __all__ = ["BASELINE_BACKBONES", "TorchvisionFeatures", "backbone_name", "classifier_network", "feature_extractor"]
 
@@ -100,11 +100,18 @@ def _torchvision_network(name: str, weights: str | None, num_classes: int = 1000
 def classifier_network(
     backbone: str, variant: str, num_classes: int, weights: str | None = None, backbone_kwargs: dict[str, Any] | None = None
 ) -> nn.Module:
-    """A whole classification network for a baseline backbone (torchvision's or timm's own, with
-    ``num_classes`` outputs). MobileOne classifiers are built by the classification task itself."""
+    """A whole classification network with ``num_classes`` outputs: MobileOne (train form; the
+    classification task itself also reads Apple's fused files), or a baseline's own network
+    (torchvision's or timm's). ``weights`` as for :func:`feature_extractor`; a classifier of
+    another class count is left freshly initialized."""
     _check(backbone, backbone_kwargs)
     if backbone == MOBILEONE:
-        return mobileone(variant, num_classes=num_classes, **(backbone_kwargs or {}))
+        network = mobileone(variant, num_classes=num_classes, **(backbone_kwargs or {}))
+        if weights:
+            state = read_state_dict(weights)
+            head = state.get("linear.weight")
+            load_checkpoint(network, state, ignore_classifier=head is not None and head.shape != network.linear.weight.shape)
+        return network
     if backbone.startswith(TIMM_PREFIX):
         return _timm().create_model(backbone.removeprefix(TIMM_PREFIX), num_classes=num_classes, **_timm_weights(weights))
     return _torchvision_network(backbone, weights, num_classes)
