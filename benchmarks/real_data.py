@@ -59,7 +59,7 @@ class Setting:
 SETTINGS = {
     "classification": Setting(
         "classification", "hymenoptera (ants / bees)", "configs/classification/hymenoptera.yaml", "hymenoptera",
-        "--data.root", "acc1", ("loss",),
+        "--data.root", "acc1", (),
     ),
     "detection": Setting(
         "detection", "fruits (Pascal VOC XML as published)", "configs/detection/fruits_voc.yaml", "fruits/voc",
@@ -273,7 +273,7 @@ def markdown(summary: dict) -> str:
     ]
     for run in summary["runs"]:
         setting = summary["settings"][run["task"]]
-        other = ", ".join(f"{m} {_percent(run['final'][m])}" for m in setting["extra_metrics"] if m in run["final"] and m != "loss")
+        other = ", ".join(f"{m} {_percent(run['final'][m])}" for m in setting["extra_metrics"] if m in run["final"])
         lines.append(
             f"| {run['task']} | {setting['dataset']} | {run['backbone']} | {run['seed']} | {run['epochs']} | "
             f"{setting['metric']} | **{_percent(run['final'][setting['metric']])}** | "
