@@ -27,7 +27,7 @@ __all__ = [
     "ssdlite_mobileone",
 ]
 
-# mmdetection's SSDLite anchors at 320x320 (DESIGN.md): per level stride, min and max size; ratios {2, 3}.
+# mmdetection's SSDLite anchors at 320x320 (its ssdlite_mobilenetv2 config; README, Detection): per level stride, min and max size; ratios {2, 3}.
 ANCHOR_STRIDES = (16, 32, 64, 107, 160, 320)
 ANCHOR_MIN_SIZES = (48, 100, 150, 202, 253, 304)
 ANCHOR_MAX_SIZES = (100, 150, 202, 253, 304, 320)
