@@ -1,5 +1,6 @@
 """MobileOne backbone: network, reparameterization and checkpoint I/O. Imports only torch."""
 
+from backbones.atomic import atomic_write_dir, atomic_write_file
 from backbones.export import coreml_op_types, fold_batchnorm_, fuse_for_deployment, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript
 from backbones.checkpoint import CheckpointMismatchError, LoadReport, describe_state_dict, load_checkpoint, read_state_dict
 from backbones.network import (
@@ -13,6 +14,8 @@ from backbones.network import (
 )
 
 __all__ = [
+    "atomic_write_dir",
+    "atomic_write_file",
     "CheckpointMismatchError",
     "LoadReport",
     "VARIANTS",

@@ -7,7 +7,6 @@ Needs only torch to import; ``onnx`` / ``onnxscript`` are imported when an ONNX 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from backbones.atomic import atomic_write_dir, reset_modes
 from backbones.network import reparameterize_model
 from backbones.testing import relative_error
 
@@ -299,28 +299,22 @@ def coreml_op_types(mlmodel: Any) -> set[str]:
 def save_mlpackage(mlmodel: Any, path: str | os.PathLike) -> Path:
     """Save ``mlmodel`` as the ``.mlpackage`` directory ``path``, atomically.
 
-    The package is written into a temporary directory next to ``path`` and renamed; an existing
-    ``path`` is first moved aside and removed only once the new package is in place (restored
-    if the rename fails), so ``path`` is never a half-written package.
+    Through ``atomic_write_dir``: the package is written into a hidden temporary directory next to
+    ``path`` and renamed; an existing ``path`` folder (whatever it holds: it is a package) is moved
+    aside and removed only once the new package is in place (restored if the rename fails), so
+    ``path`` is never a half-written package; a file at ``path`` is refused (``NotADirectoryError``).
+    The package's files and folders get the umask's modes.
     """
     path = Path(path)
     if path.suffix != ".mlpackage":
         raise ValueError(f"{path}: a CoreML ML program is saved as a directory ending in .mlpackage")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        staged = scratch / path.name
-        mlmodel.save(str(staged))
-        aside = None
-        if path.exists() or path.is_symlink():
-            aside = scratch / f"{path.name}.old"
-            os.replace(path, aside)
-        try:
-            os.replace(staged, path)
-        except BaseException:
-            if aside is not None:
-                os.replace(aside, path)
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return path
+
+    def write(folder: Path) -> None:
+        package = folder / path.name  # coremltools wants the .mlpackage name, and to create the folder
+        mlmodel.save(str(package))
+        for entry in os.listdir(package):
+            os.rename(package / entry, folder / entry)
+        package.rmdir()
+        reset_modes(folder)  # coremltools copies its private (0700) temporary package
+
+    return atomic_write_dir(path, write, ours=lambda name: True)

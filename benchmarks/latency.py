@@ -32,11 +32,13 @@ import csv
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchvision
 
 from backbones import mobileone, reparameterize_model, to_onnx_bytes
+from backbones.atomic import atomic_write_file
 from backbones.export import FORBIDDEN_ONNX_OPS
 from benchmarks.machine import describe_machine
 from benchmarks.timing import median_and_quartiles, time_ms
@@ -263,20 +265,20 @@ def plot(rows: list[dict], path: str, backend: str, title: str) -> None:
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    temporary = f"{path}.tmp.png"
-    figure.savefig(temporary)
-    os.replace(temporary, path)
+    atomic_write_file(path, lambda temporary: figure.savefig(temporary, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(figure)
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-    """All rows, one per model x backend x batch size (written to a temporary name, then renamed)."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    """All rows, one per model x backend x batch size (written atomically: ``backbones.atomic``)."""
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write_file(path, write)
 
 
 def main() -> None:

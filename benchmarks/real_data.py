@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backbones.atomic import atomic_write_file
 from benchmarks.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,16 +302,14 @@ def markdown(summary: dict) -> str:
 
 
 def write_section(markdown_path: Path, section: str) -> None:
-    """Replace the real-data section of ``markdown_path`` (or append it), via a temporary file."""
+    """Replace the real-data section of ``markdown_path`` (or append it), atomically."""
     text = markdown_path.read_text() if markdown_path.is_file() else ""
     if SECTION_BEGIN in text and SECTION_END in text:
         before, rest = text.split(SECTION_BEGIN, 1)
         text = before + section + rest.split(SECTION_END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    scratch = markdown_path.with_name(f".{markdown_path.name}.tmp")
-    scratch.write_text(text)
-    os.replace(scratch, markdown_path)
+    atomic_write_file(markdown_path, lambda temporary: temporary.write_text(text))
 
 
 def merge(earlier: dict, new: dict) -> dict:
@@ -363,9 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = merge(json.loads((args.results / "summary.json").read_text()), summary) if args.merge else summary
     for task in settings:
         _plot_curves([run for run in summary["runs"] if run["task"] == task], SETTINGS[task], args.results / f"{task}_curves.png")
-    scratch = args.results / ".summary.json.tmp"
-    scratch.write_text(json.dumps(summary, indent=1))
-    os.replace(scratch, args.results / "summary.json")
+    content = json.dumps(summary, indent=1)
+    atomic_write_file(args.results / "summary.json", lambda temporary: temporary.write_text(content))
     print(f"[real_data] wrote {args.results / 'summary.json'}, curves and predictions in {args.results}")
     if args.results_md:
         write_section(args.results_md, markdown(summary))

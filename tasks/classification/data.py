@@ -8,6 +8,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,7 @@ from tasks.common.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    SkippedFiles,
     list_images,
     make_loader,
     read_image,
@@ -87,50 +89,92 @@ class RandomResizedCropToSharedSize(nn.Module):
 
 
 class LabelledImages(Dataset):
-    """(path, label) samples, decoded and transformed on access."""
+    """(path, label) samples, decoded and transformed on access.
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform: nn.Module, skip_corrupt: bool = False) -> None:
+    With ``skip_corrupt`` an unreadable image gives ``None`` (left out by the collate function),
+    a warning naming it in the process that read it, and a count in ``skipped`` (a ``SkippedFiles``,
+    shared by all worker processes; ``ImageFolderDataModule`` reports the total at the end of each epoch).
+    ``source`` names the split directory in messages.
+    """
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: nn.Module, skip_corrupt: bool = False, source: str = "") -> None:
         self.samples = list(samples)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
-        self.skipped = 0
+        self.source = source
+        self.skipped = SkippedFiles() if skip_corrupt else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
-        path, label = self.samples[index]
+    def read(self, path: Path) -> torch.Tensor | None:
+        """The transformed image, or None (counted) for an unreadable one with ``skip_corrupt``."""
         try:
             image = read_image(path)
         except CorruptImageError as error:
             if not self.skip_corrupt:
                 raise
-            self.skipped += 1
-            warnings.warn(f"skipped {self.skipped} unreadable image(s) in this process so far; latest: {error}")
+            self.skipped.add(path)
+            warnings.warn(f"skipped 1 unreadable image (skip_corrupt; the total follows at the end of the epoch): {error}")
             return None
-        return self.transform(image), label
+        return self.transform(image)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        path, label = self.samples[index]
+        image = self.read(path)
+        return None if image is None else (image, label)
 
 
-class UnlabelledImages(Dataset):
-    """All images under a directory, for ``predict``: yields (image, path)."""
+class UnlabelledImages(LabelledImages):
+    """All images under a directory, for ``predict``: yields (image, path), or None for an
+    unreadable image with ``skip_corrupt`` (reported, left out of the predictions)."""
 
-    def __init__(self, directory: Path, transform: nn.Module) -> None:
+    def __init__(self, directory: Path, transform: nn.Module, skip_corrupt: bool = False) -> None:
         self.paths = list_images(directory)
         if not self.paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under predict_dir {directory}")
-        self.transform = transform
+        super().__init__([(path, -1) for path in self.paths], transform, skip_corrupt, source=str(directory))
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.transform(read_image(self.paths[index])), str(self.paths[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
+        image = self.read(self.paths[index])
+        return None if image is None else (image, str(self.paths[index]))
 
 
 def collate_skipping_missing(batch: list) -> object:
-    """``default_collate`` without the samples a dataset skipped (returned as None)."""
+    """``default_collate`` without the samples a dataset skipped (returned as None); None if none is left."""
     batch = [sample for sample in batch if sample is not None]
     return default_collate(batch) if batch else None
+
+
+def collate_predictions_skipping_missing(batch: list, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """``collate_skipping_missing`` for ``predict``: a batch whose images were all skipped is empty
+    (no images, no paths) rather than None, so ``predict_step`` runs on it and adds no rows."""
+    kept = [sample for sample in batch if sample is not None]
+    return default_collate(kept) if kept else (torch.empty(0, 3, image_size, image_size), [])
+
+
+class ReportSkippedImages(pl.Callback):
+    """Added by ``ImageFolderDataModule`` with ``skip_corrupt``: one warning per epoch and dataset
+    with the exact number of skipped images (over all worker processes) and the first few names."""
+
+    def __init__(self, datamodule: ImageFolderDataModule) -> None:
+        self.datamodule = datamodule
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.datamodule.report_skipped("train_dataset", f"in training epoch {trainer.current_epoch}")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            when = "in the sanity check"
+        else:
+            when = f"in validation (epoch {trainer.current_epoch})" if trainer.state.fn == "fit" else "in validate"
+        self.datamodule.report_skipped("val_dataset", when)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.datamodule.report_skipped("test_dataset", "in test")
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.datamodule.report_skipped("predict_dataset", "in predict (left out of the predictions)")
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -150,7 +194,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
             (the same plus AutoAugment's ImageNet policy, S2-S4).
         crop_scale: area range of the random-resized crop.
         mean / std: normalization.
-        skip_corrupt: skip unreadable images (counted in a warning) instead of raising.
+        skip_corrupt: skip unreadable images instead of raising, also in ``predict`` (no prediction for
+            them): one warning per epoch and split gives the exact total over all worker processes
+            and the first names. A class folder without images is an error in the training split and
+            a warning in the validation split, with or without it.
         predict_dir: images to classify with ``predict``.
         demo: generate the synthetic demo dataset into ``root`` on first use (``prepare_data``).
         demo_images_per_class: training images per class of the demo set (a quarter as many for val).
@@ -227,6 +274,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
 
     def _samples(self, split: str) -> list[tuple[Path, int]]:
+        """The (image, label) files of ``split``. A class folder without images is an error in the
+        training split (as torchvision's ``ImageFolder`` raises: the class could not be learnt), a
+        warning naming it in the other splits (the class is then not evaluated)."""
         split_dir = self.root / split
         layout = layout_help(self.root, self.train_split, self.val_split)
         if not split_dir.is_dir():
@@ -238,28 +288,68 @@ class ImageFolderDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"the classes of {split_dir} differ from the training classes: missing {missing}, unexpected {extra}; {layout}"
             )
-        samples = [(path, label) for label, name in enumerate(self.class_names) for path in list_images(split_dir / name)]
+        per_class = [list_images(split_dir / name) for name in self.class_names]
+        samples = [(path, label) for label, paths in enumerate(per_class) for path in paths]
         if not samples:
             raise FileNotFoundError(f"{split_dir} holds no images; {layout}")
+        empty = [name for name, paths in zip(self.class_names, per_class) if not paths]
+        if empty and split == self.train_split:
+            raise FileNotFoundError(
+                f"{split_dir}: the class folder(s) {', '.join(str(split_dir / name) for name in empty)} hold no image files "
+                f"({', '.join(IMAGE_EXTENSIONS)}); every training class needs images: add some or remove the folder "
+                f"(from every split); {layout}"
+            )
+        if empty:
+            warnings.warn(
+                f"{split_dir}: the class folder(s) {', '.join(str(split_dir / name) for name in empty)} hold no image files "
+                f"({', '.join(IMAGE_EXTENSIONS)}): the class(es) {empty} are not evaluated"
+            )
         return samples
 
     def setup(self, stage: str) -> None:
         skip = self.hparams.skip_corrupt
+        train, val = self.train_split, self.val_split
         if stage == "fit":
-            self.train_dataset = LabelledImages(self._samples(self.train_split), self.train_transform(), skip)
+            self.train_dataset = LabelledImages(self._samples(train), self.train_transform(), skip, str(self.root / train))
         if stage in ("fit", "validate"):
-            self.val_dataset = LabelledImages(self._samples(self.val_split), self.eval_transform(), skip)
+            self.val_dataset = LabelledImages(self._samples(val), self.eval_transform(), skip, str(self.root / val))
         if stage == "test":
-            self.test_dataset = LabelledImages(self._samples(self.val_split), self.eval_transform(), skip)
+            self.test_dataset = LabelledImages(self._samples(val), self.eval_transform(), skip, str(self.root / val))
         if stage == "predict":
             if self.hparams.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images to classify")
-            self.predict_dataset = UnlabelledImages(Path(self.hparams.predict_dir), self.eval_transform())
+            self.predict_dataset = UnlabelledImages(Path(self.hparams.predict_dir), self.eval_transform(), skip)
+        trainer = self.trainer
+        if skip and trainer is not None and not any(isinstance(c, ReportSkippedImages) and c.datamodule is self for c in trainer.callbacks):
+            trainer.callbacks.append(ReportSkippedImages(self))
+
+    def report_skipped(self, dataset: str, when: str) -> None:
+        """Warn with the number of images ``self.<dataset>`` skipped since the last report (all worker
+        processes together) and the first few names; nothing when none was skipped."""
+        images = getattr(self, dataset, None)
+        if images is None or images.skipped is None:
+            return
+        count, paths = images.skipped.take()
+        if count:
+            trainer = self.trainer
+            rank = f" on process {trainer.global_rank} of {trainer.world_size}" if trainer is not None and trainer.world_size > 1 else ""
+            more = f" and {count - len(paths)} more" if count > len(paths) else ""
+            warnings.warn(
+                f"{images.source}: skip_corrupt skipped {count} unreadable image(s) {when}{rank}: {', '.join(paths)}{more}"
+            )
+
+    def teardown(self, stage: str) -> None:
+        """Report what was skipped and not yet reported (e.g. in an interrupted epoch)."""
+        for dataset in ("train_dataset", "val_dataset", "test_dataset", "predict_dataset"):
+            self.report_skipped(dataset, f"in {stage} (not yet reported)")
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
         collate = collate_skipping_missing if hp.skip_corrupt else None
-        return make_loader(dataset, self.batch_size, shuffle, hp.num_workers, hp.pin_memory, hp.persistent_workers, collate)
+        if hp.skip_corrupt and isinstance(dataset, UnlabelledImages):
+            collate = partial(collate_predictions_skipping_missing, image_size=hp.eval_image_size)
+        return make_loader(dataset, self.batch_size, shuffle, hp.num_workers, hp.pin_memory, hp.persistent_workers, collate,
+                           trainer=self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_image_size_for_epoch is not None and self.trainer is not None:

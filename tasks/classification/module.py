@@ -10,18 +10,19 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import load_checkpoint, mobileone, read_state_dict
 from tasks.common.backbones import backbone_name, classifier_network
 from tasks.common.export import atomic_write
-from tasks.common.module import ChannelsLastMixin
-from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, warmup_cosine
+from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
+from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
 
 log = logging.getLogger(__name__)
 
 
-class ImageClassificationTask(ChannelsLastMixin, pl.LightningModule):
+class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     """MobileOne classifier trained with the paper's recipe (SGD, cosine, label smoothing).
 
     Args:
@@ -82,16 +83,18 @@ class ImageClassificationTask(ChannelsLastMixin, pl.LightningModule):
         top_k = min(5, num_classes)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.val_loss = MeanMetric()
 
     def _load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         head = state_dict.get("linear.weight")
-        mismatched = head is not None and head.shape != self.network.linear.weight.shape
+        # another class count: a fine-tuning start (another width is another variant: load_checkpoint says so)
+        mismatched = head is not None and head.shape[0] != self.network.linear.weight.shape[0]
+        report = load_checkpoint(self.network, source, ignore_classifier=mismatched)
         if mismatched:
             log.warning(
                 "weights %s have a %d-class classifier, the model has %d classes: the classifier is re-initialized",
                 source, head.shape[0], self.network.num_classes,
             )
-        report = load_checkpoint(self.network, state_dict, ignore_classifier=mismatched)
         log.info("loaded weights from %s%s", source, f" (left out: {len(report.dropped)} keys)" if report.dropped else "")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,8 @@ class ImageClassificationTask(ChannelsLastMixin, pl.LightningModule):
             return
         images, labels = batch
         logits = self(images)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.val_loss(F.cross_entropy(logits, labels, reduction="none"))  # a mean over samples, also across processes
+        self.log(f"{prefix}/loss", self.val_loss)
         self.val_acc1(logits, labels)
         self.val_acc5(logits, labels)
         self.log(f"{prefix}/acc1", self.val_acc1, prog_bar=True)
@@ -146,7 +150,7 @@ class ImageClassificationTask(ChannelsLastMixin, pl.LightningModule):
             momentum=self.hparams.momentum,
             nesterov=self.hparams.nesterov,
         )
-        total_steps = int(trainer.estimated_stepping_batches)
+        total_steps = training_steps(trainer)
         steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,

@@ -1,14 +1,75 @@
-"""Callbacks the paper recipes need: weight-decay annealing, progressive resolution, export at the end of fit."""
+"""Callbacks the recipes need: checkpoints that always keep the last state, weight-decay annealing,
+progressive resolution, export at the end of fit."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["CosineWeightDecay", "ExportOnFitEnd", "ProgressiveResolution"]
+__all__ = ["CosineWeightDecay", "ExportOnFitEnd", "ProgressiveResolution", "TaskCheckpoint"]
+
+
+class TaskCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the latest state.
+
+    Lightning 2.6's ``ModelCheckpoint`` with a ``monitor`` rewrites ``last.ckpt`` only at the
+    epochs where it also writes a top-k checkpoint, so after epochs without improvement ``last``
+    lags behind and ``--ckpt_path last`` repeats them. This one writes ``last.ckpt`` at the end of
+    every epoch (after its validation) and, with ``last_every_n_train_steps``, also every that many
+    optimizer steps, for epochs too long to lose. The top-k checkpoints follow ``monitor`` as
+    usual. Files are written through Lightning's atomic save (a temporary file moved into place).
+
+    Args:
+        last_every_n_train_steps: also write ``last.ckpt`` every this many steps (0: epoch ends only);
+            a run resumed from such a checkpoint continues at the next batch, bit for bit.
+        save_last: as ``ModelCheckpoint``'s, but ``True`` by default.
+        *args, **kwargs: ``ModelCheckpoint``'s other arguments.
+    """
+
+    def __init__(
+        self, *args: Any, save_last: bool | Literal["link"] = True, last_every_n_train_steps: int = 0, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, save_last=save_last, **kwargs)
+        if last_every_n_train_steps < 0:
+            raise ValueError(f"last_every_n_train_steps must be >= 0, got {last_every_n_train_steps}")
+        self.last_every_n_train_steps = last_every_n_train_steps
+        self._step_of_last = -1
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._step_of_last = trainer.global_step
+
+    def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
+        if (
+            self.save_last
+            and self._step_of_last != trainer.global_step
+            and trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+            and not trainer.fast_dev_run
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if self.last_every_n_train_steps and trainer.global_step % self.last_every_n_train_steps == 0:
+            self._save_last_if_behind(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
 
 
 class CosineWeightDecay(pl.Callback):

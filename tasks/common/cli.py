@@ -2,17 +2,60 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tasks.common.export import export_network
+from tasks.common.module import task_name
 
-__all__ = ["TaskCLI", "TaskTrainer", "export_task"]
+__all__ = ["TaskCLI", "TaskTrainer", "export_task", "read_task_checkpoint"]
+
+# --ckpt_path values that Lightning resolves itself
+CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def read_task_checkpoint(path: str | os.PathLike, module_class: type | None = None) -> dict[str, Any]:
+    """Read a task's Lightning checkpoint with ``torch.load(weights_only=True)``, naming what is wrong.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not a
+    PyTorch checkpoint (text, truncated), one holding pickled Python objects (refused: unpickling
+    them could run code), one without a ``state_dict``, and - with ``module_class`` - a checkpoint
+    of another task (recorded in the file, or, for older files, hyper-parameters the task lacks).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # text, truncated and foreign files raise several types
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise ValueError(
+                f"checkpoint {path!r} holds pickled Python objects besides tensors and plain values; they are not"
+                f" loaded, because unpickling an untrusted file can run code. ({str(error).splitlines()[0]})"
+            ) from error
+        raise ValueError(f"{path!r} is not a PyTorch checkpoint, or it is truncated ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path!r} is not a Lightning checkpoint: expected a dict with a 'state_dict', found {found}")
+    if module_class is not None:
+        expected, recorded = task_name(module_class), checkpoint.get("task")
+        if recorded is not None and recorded != expected:
+            raise ValueError(f"{path!r} is a checkpoint of {recorded}, not of {expected}")
+        options = inspect.signature(module_class.__init__).parameters
+        foreign = sorted(set(checkpoint.get("hyper_parameters", {})) - set(options) - {"_instantiator", "_class_path"})
+        if recorded is None and foreign:
+            raise ValueError(
+                f"{path!r} is not a checkpoint of {expected}: its hyper-parameters {foreign} are not options of"
+                " this task (a checkpoint of another task?)"
+            )
+    return checkpoint
 
 
 def export_task(
@@ -93,12 +136,7 @@ class TaskTrainer(pl.Trainer):
                 the checked images; required for segmentation, whose other exports take any size).
         """
         if ckpt_path is not None:
-            if not os.path.isfile(ckpt_path):
-                raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist")
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if "state_dict" not in checkpoint:
-                raise ValueError(f"{ckpt_path!r} is not a Lightning checkpoint (no 'state_dict' key)")
-            model.load_state_dict(checkpoint["state_dict"])
+            model.load_state_dict(read_task_checkpoint(ckpt_path, type(model))["state_dict"])
         return export_task(
             model, datamodule, output, onnx, torchscript, tolerance,
             coreml=coreml, coreml_precision=coreml_precision, coreml_image_input=coreml_image_input,
@@ -114,6 +152,33 @@ class TaskCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before LightningCLI reads the model's options from it.
+
+        A file that is not this task's checkpoint gets an error naming it and what it is; model
+        options given on the command line or in a config that differ from the checkpoint's are
+        named in a warning, since the checkpoint's values are the ones used.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and not (ckpt_path in CKPT_PATH_KEYWORDS and not Path(ckpt_path).exists()):
+            checkpoint = read_task_checkpoint(ckpt_path, self.model_class)
+            given = self.config[subcommand].get("model") or {}
+            overridden = [
+                f"{key}={value!r} (given: {given[key]!r})"
+                for key, value in checkpoint.get("hyper_parameters", {}).items()
+                if key in given and given[key] is not None and not _same_value(given[key], value)
+            ]
+            if overridden:
+                rank_zero_warn(f"--ckpt_path {ckpt_path}: the model is built with the checkpoint's " + ", ".join(overridden))
+        super()._parse_ckpt_path()
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b or str(a) == str(b)

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning.pytorch as pl
+import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+
+from backbones.atomic import atomic_write_dir
+from tasks.common.sampling import SeededDataset, SeededShuffleSampler, evaluation_sampler, global_seed, training_position
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "CorruptImageError",
+    "SkippedFiles",
     "list_images",
     "make_loader",
     "read_image",
@@ -35,15 +40,103 @@ class CorruptImageError(RuntimeError):
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor (C, H, W); raise ``CorruptImageError`` naming the file."""
+    """Decode an image file to a uint8 RGB tensor (3, H, W); raise ``CorruptImageError`` naming the file.
+
+    The one image reader of every task's datasets. The format is found from the content, not the
+    extension. Every PIL mode becomes 8-bit RGB: alpha is dropped (as by torchvision and PIL's
+    ``convert("RGB")``), palettes give their colours, grayscale is repeated in the three channels,
+    CMYK is converted. Deeper images are scaled by their bit depth, ``round(v * 255 / (2**bits - 1))``
+    (16-bit: ``round(v / 257)``, so a 16-bit copy of an 8-bit image reads as that image): 16-bit
+    PNGs (grayscale, RGB, with alpha), PIL modes ``I;16*`` (16 bits), ``I`` (32-bit integers: the
+    TIFF's BitsPerSample, else 16 bits, as 16-bit PGM and PNG files open in it) and ``F`` (floats:
+    0..1 if all values lie in [0, 1], else 0..255, clipped). Animated images give their first frame.
+    """
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except Exception as torchvision_error:  # formats or variants torchvision's decoders miss: try PIL
-        try:
-            with Image.open(path) as image:
-                return v2.functional.pil_to_tensor(image.convert("RGB"))
-        except Exception:
-            raise CorruptImageError(f"cannot decode image file {path}: {torchvision_error}") from torchvision_error
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
+    except Exception:  # formats or variants torchvision's decoders miss (TIFF, PGM, ...): PIL
+        image = _read_with_pil(path)
+    if image.ndim == 4:  # an animated GIF: (frames, C, H, W)
+        image = image[0]
+    if image.dtype == torch.uint16:  # 16-bit PNG
+        image = _scale_to_uint8(image.to(torch.int64), 16)
+    return image
+
+
+def _read_with_pil(path: str | os.PathLike) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                return _deep_grayscale_to_rgb(image)
+            return v2.functional.pil_to_tensor(image.convert("RGB"))
+    except UnidentifiedImageError:
+        raise CorruptImageError(
+            f"cannot decode image file {path}: not an image in a format PIL or torchvision reads "
+            f"(expected e.g. {', '.join(IMAGE_EXTENSIONS)})"
+        ) from None
+    except Exception as error:  # truncated or damaged data, a mode PIL cannot convert, ...
+        raise CorruptImageError(f"cannot decode image file {path}: {error}") from error
+
+
+def _deep_grayscale_to_rgb(image: Image.Image) -> torch.Tensor:
+    """PIL's deep grayscale modes (``I;16*``, ``I``, ``F``) to uint8 RGB, scaled by the bit depth."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        values = values.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        scale = 255.0 if finite.size and finite.min() >= 0 and finite.max() <= 1 else 1.0
+        gray = torch.from_numpy(np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8))
+    else:
+        bits = 16
+        if image.mode == "I":
+            tag = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+            bits = int(tag[0] if isinstance(tag, tuple) else tag) if tag else 16
+        gray = _scale_to_uint8(torch.from_numpy(values.astype(np.int64)), bits)
+    return gray.expand(3, *gray.shape).clone()
+
+
+def _scale_to_uint8(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer ``values`` of ``bits`` bits to uint8: ``round(v * 255 / (2**bits - 1))``, clipped."""
+    top = 2**bits - 1
+    return ((values.clamp(0, top) * 255 + top // 2) // top).to(torch.uint8)
+
+
+class SkippedFiles:
+    """Files a dataset skipped, counted in shared memory, so that the main process reads the exact
+    count over all DataLoader worker processes (persistent or not), and the first ``keep`` paths.
+
+    Lock-free: each worker process (and the main process) writes its own slot, so nothing depends on
+    the multiprocessing context, and a killed worker cannot leave a lock held. Up to ``workers``
+    worker processes have their own slot (more share slots, and may then lose counts). Read with
+    ``take`` between epochs, when no worker is reading samples.
+    """
+
+    def __init__(self, keep: int = 5, workers: int = 128, max_path_bytes: int = 1024) -> None:
+        self.keep = keep
+        self.slots = workers + 1
+        self.max_path_bytes = max_path_bytes
+        self._counts = multiprocessing.RawArray("q", self.slots)
+        self._paths = multiprocessing.RawArray("c", self.slots * keep * max_path_bytes)
+
+    def add(self, path: str | os.PathLike) -> None:
+        """Count ``path`` (in whichever process reads the sample)."""
+        worker = get_worker_info()
+        slot = 0 if worker is None else 1 + worker.id % (self.slots - 1)
+        count = self._counts[slot]
+        if count < self.keep:
+            start = (slot * self.keep + count) * self.max_path_bytes
+            self._paths[start : start + self.max_path_bytes] = os.fsencode(path)[: self.max_path_bytes].ljust(self.max_path_bytes, b"\0")
+        self._counts[slot] = count + 1
+
+    def take(self) -> tuple[int, list[str]]:
+        """The count and (up to ``keep``) paths since the last ``take``; resets both."""
+        paths = []
+        for slot in range(self.slots):
+            for index in range(min(self._counts[slot], self.keep)):
+                start = (slot * self.keep + index) * self.max_path_bytes
+                paths.append(os.fsdecode(self._paths[start : start + self.max_path_bytes].rstrip(b"\0")))
+        count = sum(self._counts)
+        self._counts[:] = [0] * self.slots
+        return count, paths[: self.keep]
 
 
 def list_images(directory: Path) -> list[Path]:
@@ -62,18 +155,7 @@ def write_dataset_atomically(root: str | os.PathLike, write: Callable[[Path], No
     An interrupted generation never leaves a half-written dataset at ``root``. ``root`` may exist
     only as an empty directory.
     """
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        write(scratch)
-        if root.exists() and not any(root.iterdir()):
-            root.rmdir()
-        os.rename(scratch, root)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    return root
+    return atomic_write_dir(Path(root), write)
 
 
 def make_loader(
@@ -84,16 +166,29 @@ def make_loader(
     pin_memory: bool = True,
     persistent_workers: bool = True,
     collate_fn: Callable | None = None,
+    trainer: pl.Trainer | None = None,
 ) -> DataLoader:
-    """The tasks' DataLoader: training loaders shuffle and drop the last partial batch; pinned
-    memory only with CUDA; persistent workers only when there are workers."""
+    """The tasks' DataLoader; pinned memory only with CUDA, persistent workers only when there are workers.
+
+    A training loader (``shuffle``) draws its order and augmentations from the run's seed, the
+    epoch and the sample index, drops the last partial batch, and resumes at the position of
+    ``trainer`` (``tasks.common.sampling``); an evaluation loader keeps the dataset's order and, in
+    a distributed run, gives each sample to exactly one process. Worker seeds come from a private
+    generator, so creating a loader leaves the global random stream alone.
+    """
+    if shuffle:
+        sampler = SeededShuffleSampler(dataset, batch_size, position=lambda: training_position(trainer))
+        dataset = SeededDataset(dataset)
+    else:
+        sampler = evaluation_sampler(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         drop_last=shuffle,
         num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
         persistent_workers=persistent_workers and num_workers > 0,
         collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(global_seed()),
     )

@@ -6,7 +6,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from backbones.atomic import atomic_write_dir, atomic_write_file, check_replaceable
 from backbones.export import (
     coreml_op_types, fuse_for_deployment, output_tensors, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript,
 )
@@ -27,22 +27,21 @@ ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model_fused.torchscript.pt"
 COREML_FILE = "model.mlpackage"
 COREML_TARGET = "iOS16"  # minimum deployment target of model.mlpackage (macOS 13 and the like; iPhone 8 and newer)
+EXPORT_FILES = frozenset({FUSED_WEIGHTS, METADATA, ONNX_FILE, TORCHSCRIPT_FILE, COREML_FILE})
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary_path)`` and rename the result to ``path``: ``path`` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
+    """Call ``write(temporary_path)`` and rename the result to ``path``: ``path`` is never half-written.
+
+    ``backbones.atomic.atomic_write_file`` for writers that take a ``str`` (the file gets the umask's mode).
+    """
+    return atomic_write_file(path, lambda temporary: write(str(temporary)))
+
+
+def is_export_file(name: str) -> bool:
+    """Whether ``name`` (an entry of an export folder) is one an export writes, or a temporary file
+    an interrupted export of an earlier version (which wrote file by file) left behind."""
+    return name in EXPORT_FILES or any(name.startswith(f".{known}.") and name.endswith(".tmp") for known in EXPORT_FILES)
 
 
 def _worst_error(actual: Any, expected: Any) -> float:
@@ -91,7 +90,18 @@ def export_network(
     TorchScript trace with PyTorch; any error above ``tolerance`` raises ``RuntimeError``, and a
     failed conversion its own error, before anything is written. CoreML is checked structurally
     only (no ``batch_norm`` op, expected inputs and outputs): it cannot run outside macOS.
+
+    ``output_dir`` is written as one unit (``backbones.atomic.atomic_write_dir``): all files go to a
+    hidden sibling folder ``.<name>.<random>.tmp``, are checked to be there, and that folder then
+    takes the place of ``output_dir``. An earlier export there is replaced completely (no file of
+    it is left, e.g. its ``model.onnx`` when this export has ``onnx=False``); if this export fails
+    or is interrupted, the earlier one stays exactly as it was, and a killed process leaves at
+    most the hidden scratch folder beside it, never a folder mixing two exports. A folder holding
+    anything an export does not write (``EXPORT_FILES``, e.g. a user's notes) is refused with
+    ``FileExistsError`` naming it, before any work: its files are never deleted nor carried over.
+    Files and folders get the user's umask (e.g. 0644 / 0755 under umask 022).
     """
+    check_replaceable(output_dir, is_export_file)  # fail before the conversions, not after
     network = copy.deepcopy(network).eval().cpu().float()
     example_inputs = example_inputs.cpu().float()
     fused = fuse_for_deployment(network)
@@ -106,33 +116,42 @@ def export_network(
     _check(report, "fused_vs_unfused_relative_error", tolerance, "the fused model differs from the trained one")
 
     # Convert and check every format first, write afterwards: a failed check leaves output_dir untouched.
-    writers: dict[str, tuple[Path, Callable[[Path], Path]]] = {}
-    output_dir = Path(output_dir)
+    writers: dict[str, tuple[str, Callable[[Path], object]]] = {
+        "weights": (FUSED_WEIGHTS, lambda p: torch.save(fused.state_dict(), p)),
+    }
     if onnx:
         onnx_bytes, report["onnx_vs_pytorch_relative_error"] = _onnx_export(
             fused, example_inputs, fused_output, dynamic_image_size
         )
         log.info("onnxruntime vs PyTorch relative error: %.3e", report["onnx_vs_pytorch_relative_error"])
         _check(report, "onnx_vs_pytorch_relative_error", tolerance, "onnxruntime's output differs from PyTorch's")
-        writers["onnx"] = (output_dir / ONNX_FILE, lambda path: atomic_write(path, lambda p: Path(p).write_bytes(onnx_bytes)))
+        writers["onnx"] = (ONNX_FILE, lambda p: p.write_bytes(onnx_bytes))
     if torchscript:
         traced = to_torchscript(fused, example_inputs, dynamic_image_size)
         with torch.no_grad():
             report["torchscript_vs_pytorch_relative_error"] = _worst_error(traced(example_inputs), fused_output)
         log.info("TorchScript vs PyTorch relative error: %.3e", report["torchscript_vs_pytorch_relative_error"])
         _check(report, "torchscript_vs_pytorch_relative_error", tolerance, "the TorchScript trace's output differs from PyTorch's")
-        writers["torchscript"] = (output_dir / TORCHSCRIPT_FILE, lambda path: atomic_write(path, lambda p: traced.save(p)))
+        writers["torchscript"] = (TORCHSCRIPT_FILE, lambda p: traced.save(str(p)))
     if coreml:
         mlmodel, report["coreml"] = _coreml_export(
             fused, example_inputs, metadata, coreml_precision, coreml_image_input, coreml_image_size, dynamic_image_size, output_names
         )
-        writers["coreml"] = (output_dir / COREML_FILE, lambda path: save_mlpackage(mlmodel, path))
+        writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
+    content = json.dumps({**metadata, **report, "files": sorted(name for name, _ in writers.values())}, indent=2)
+    writers["metadata"] = (METADATA, lambda p: p.write_text(content + "\n"))  # last: its presence marks a complete export
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    files = {name: str(write(path)) for name, (path, write) in writers.items()}
-    files["weights"] = str(atomic_write(output_dir / FUSED_WEIGHTS, lambda p: torch.save(fused.state_dict(), p)))
-    content = json.dumps({**metadata, **report, "files": sorted(Path(f).name for f in files.values())}, indent=2)
-    files["metadata"] = str(atomic_write(output_dir / METADATA, lambda p: Path(p).write_text(content + "\n")))
+    def write(folder: Path) -> None:
+        for name, write_one in writers.values():
+            write_one(folder / name)
+        written, expected = sorted(os.listdir(folder)), sorted(name for name, _ in writers.values())
+        empty = [name for name in written if (folder / name).is_file() and (folder / name).stat().st_size == 0]
+        if written != expected or empty:
+            raise RuntimeError(f"the export to {output_dir} wrote {written} ({empty} empty), expected {expected}: nothing was replaced")
+
+    output_dir = Path(output_dir)
+    atomic_write_dir(output_dir, write, ours=is_export_file)
+    files = {key: str(output_dir / name) for key, (name, _) in writers.items()}
     return {**report, "files": files}
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import random
+from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -26,3 +30,66 @@ class ChannelsLastMixin:
             self.to(memory_format=torch.channels_last)
         elif self.hparams.channels_last:
             log.warning("channels_last is applied on CUDA devices only; training in contiguous format on %s", self.device)
+
+
+def _random_states() -> dict[str, Any]:
+    """This process's Python, NumPy and torch (CPU and CUDA) random states, as tensors and plain
+    Python values only (so that ``torch.load(weights_only=True)`` reads them back)."""
+    version, python_state, gauss = random.getstate()
+    _, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    return {
+        "python": [version, list(python_state), gauss],
+        "numpy": [torch.from_numpy(numpy_keys.astype(np.int64)), numpy_position, numpy_has_gauss, numpy_gauss],
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_random_states(states: dict[str, Any]) -> None:
+    version, python_state, gauss = states["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = states["numpy"]
+    np.random.set_state(("MT19937", numpy_keys.numpy().astype(np.uint32), numpy_position, numpy_has_gauss, numpy_gauss))
+    torch.set_rng_state(states["torch"])
+    if states["torch.cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+
+
+def task_name(module_class: type) -> str:
+    """The name a task's checkpoints record, e.g. ``tasks.classification.module.ImageClassificationTask``."""
+    return f"{module_class.__module__}.{module_class.__qualname__}"
+
+
+class CheckpointStateMixin:
+    """What the tasks add to their checkpoints: the task's class name under ``"task"`` (so that a
+    checkpoint given to another task is named as such) and the global random streams of every
+    process, restored when training resumes.
+
+    Data order and augmentations do not depend on these streams (``tasks.common.sampling``); what
+    does is randomness inside the model (dropout, ...), which then continues as in an
+    uninterrupted run. The states are gathered from all processes of a distributed run (the hook
+    runs on every rank) and each process gets its own back; they are applied at ``on_train_start``,
+    after everything that runs between restoring a checkpoint and training.
+    """
+
+    _random_states_to_restore: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["task"] = task_name(type(self))
+        states = _random_states()
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            checkpoint["random_states"] = gathered
+        else:
+            checkpoint["random_states"] = [states]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        gathered = checkpoint.get("random_states") or []
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self._random_states_to_restore = gathered[rank] if rank < len(gathered) else None
+
+    def on_train_start(self) -> None:
+        if self._random_states_to_restore is not None:
+            _set_random_states(self._random_states_to_restore)
+            self._random_states_to_restore = None

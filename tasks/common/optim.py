@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["global_batch_size", "parameter_groups", "scaled_learning_rate", "warmup_cosine"]
+__all__ = ["global_batch_size", "parameter_groups", "scaled_learning_rate", "training_steps", "warmup_cosine"]
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
@@ -40,6 +40,24 @@ def global_batch_size(trainer, default: int) -> int:
 def scaled_learning_rate(base_lr: float, global_batch_size: int, reference_batch_size: int = 256) -> float:
     """Linear scaling rule: ``base_lr`` is the rate for ``reference_batch_size`` images per step."""
     return base_lr * global_batch_size / reference_batch_size
+
+
+def training_steps(trainer) -> int:
+    """The fit's optimizer steps, counted as ``trainer.estimated_stepping_batches`` counts them but
+    from the length of a fresh ``train_dataloader()``, which is not iterated.
+
+    Lightning's estimate, asked for in ``configure_optimizers``, starts the training loader (and its
+    worker processes, which prefetch) before a checkpoint is restored, and the resumed run would then
+    train its first epoch from the stale position; see ``tasks.common.sampling``.
+    """
+    datamodule = trainer.datamodule
+    if datamodule is None or trainer.max_epochs in (None, -1):
+        return int(trainer.estimated_stepping_batches)
+    batches = len(datamodule.train_dataloader())
+    limit = trainer.limit_train_batches
+    batches = int(batches * limit) if isinstance(limit, float) else min(batches, int(limit))
+    steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+    return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:

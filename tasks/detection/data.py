@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import math
 import os
 import random
 import warnings
@@ -40,6 +41,45 @@ __all__ = ["COCODetection", "CocoAnnotations", "InvalidAnnotationError", "make_d
 DEMO_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"})
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def read_coco_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A COCO-format json file as a dict. Invalid JSON raises ``InvalidAnnotationError`` naming the
+    file, the line and column, what the parser expected there and the text around it; so does a
+    file that is not a JSON object with ``images``, ``annotations`` and ``categories``."""
+    path = Path(path)
+    expected = 'expected a COCO-format JSON object with "images", "annotations" and "categories"'
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise InvalidAnnotationError(f"{path}: not UTF-8 text (byte {error.start} is {byte:#04x}); {expected}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        if not text.strip():
+            raise InvalidAnnotationError(f"{path}: the file is empty; {expected}") from None
+        here = text[max(0, error.pos - 30) : error.pos] + "<here>" + text[error.pos : error.pos + 30]
+        raise InvalidAnnotationError(
+            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}: {here!r}; {expected}"
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidAnnotationError(f"{path}: the top level is a JSON {_JSON_TYPES.get(type(data), type(data).__name__)}; {expected}")
+    return data
+
+
+def _read_categories(data: dict[str, Any], source: str) -> list[dict[str, Any]]:
+    """The ``categories`` of a COCO-format dict sorted by id, each checked to have an ``id`` and a ``name``."""
+    categories = data.get("categories")
+    if not isinstance(categories, list):
+        raise InvalidAnnotationError(f'{source}: "categories" is not a list of {{"id": ..., "name": ...}} objects')
+    for number, category in enumerate(categories):
+        if not (isinstance(category, dict) and isinstance(category.get("id"), (int, str)) and "name" in category):
+            raise InvalidAnnotationError(f'{source}: categories[{number}] is {category!r}; expected {{"id": <int>, "name": <str>}}')
+    return sorted(categories, key=lambda c: c["id"])
+
+
 class CocoAnnotations:
     """COCO-format annotations read and checked once: images, category mapping, cleaned boxes.
 
@@ -47,14 +87,18 @@ class CocoAnnotations:
     ``tasks.detection.formats`` reader, see ``from_converted``) with ``source`` naming where it
     came from in messages; an annotation's optional ``origin`` (e.g. ``"x.xml: object 2 ('apple')"``)
     replaces ``"<source>: annotation id N"`` in them. ``file_name`` is relative to ``image_dir``
-    (or absolute).
+    (or absolute). A json file that is not valid JSON raises ``InvalidAnnotationError`` naming the
+    file, line and column (``read_coco_json``).
 
     Category ids map to contiguous labels 1..K (0 is the background) and back. Problems are
     counted per kind and reported in one warning (with ``problems`` counted before, e.g. by a
     format reader), or with ``strict`` raise an error naming the json file (or the origin) and the
     annotation or image id: boxes with zero or negative width or height are dropped; boxes
-    reaching outside the image are clipped (dropped if nothing is left); unknown category ids are
-    dropped; images whose file is missing are dropped.
+    reaching outside the image are clipped (dropped if nothing is left); annotations without a
+    ``bbox`` of 4 finite numbers, with an unknown category id, or whose ``image_id`` is not among
+    the images are dropped; images whose file is missing, or whose entry lacks ``id``,
+    ``file_name``, ``width`` or ``height``, are dropped (their annotations with them, not counted
+    again). ``counts`` holds the numbers read and kept (``summary()`` in words).
     """
 
     def __init__(
@@ -78,12 +122,13 @@ class CocoAnnotations:
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image directory {self.image_dir} does not exist")
         if self.path is not None:
-            with open(self.path) as handle:
-                data = json.load(handle)
+            data = read_coco_json(self.path)
         for key in ("images", "annotations", "categories"):
             if key not in data:
-                raise ValueError(f"{self.source} is not a COCO detection file: no {key!r} key")
-        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+                raise InvalidAnnotationError(f"{self.source} is not a COCO detection file: no {key!r} key")
+            if not isinstance(data[key], list):
+                raise InvalidAnnotationError(f"{self.source}: {key!r} is a JSON {_JSON_TYPES.get(type(data[key]), '?')}, expected an array")
+        self.categories = _read_categories(data, self.source)
         self.category_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
         self.label_to_category = {label: cid for cid, label in self.category_to_label.items()}
         self.class_names = [c["name"] for c in self.categories]
@@ -96,20 +141,46 @@ class CocoAnnotations:
             problems[kind] += 1
 
         self.images: dict[int, dict[str, Any]] = {}
-        for image in data["images"]:
+        dropped_images = set()
+        for number, image in enumerate(data["images"]):
+            lacking = [key for key in ("id", "file_name", "width", "height") if key not in image] if isinstance(image, dict) else ["all"]
+            if lacking:
+                detail = f"no {', '.join(lacking)} in {image!r}"[:300] + "; expected id, file_name, width and height"
+                problem("malformed image entry", image if isinstance(image, dict) else {}, f"images[{number}]", detail)
+                continue
             if not (self.image_dir / image["file_name"]).is_file():
                 problem("missing image file", image, f"image id {image['id']}", f"file {self.image_dir / image['file_name']} is missing")
+                dropped_images.add(image["id"])
                 continue
             self.images[image["id"]] = {**image, "annotations": []}
-        for annotation in data["annotations"]:
-            image = self.images.get(annotation["image_id"])
+        with_dropped_image = 0
+        for number, annotation in enumerate(data["annotations"]):
+            if not isinstance(annotation, dict):
+                problem("malformed annotation entry", {}, f"annotations[{number}]", f"{annotation!r}"[:200] + " is not a JSON object")
+                continue
+            subject = f"annotation id {annotation['id']}" if "id" in annotation else f"annotations[{number}] (no id)"
+            image_id = annotation.get("image_id")
+            image = self.images.get(image_id) if isinstance(image_id, (int, str)) else None
             if image is None:
+                if isinstance(image_id, (int, str)) and image_id in dropped_images:
+                    with_dropped_image += 1
+                    continue
+                problem("unknown image id", annotation, subject,
+                        f"image_id {image_id!r} is not the id of any of the {len(data['images'])} images")
                 continue
-            subject = f"annotation id {annotation['id']}"
-            if annotation["category_id"] not in self.category_to_label:
-                problem("unknown category id", annotation, subject, f"unknown category id {annotation['category_id']}")
+            category_id = annotation.get("category_id")
+            if not isinstance(category_id, (int, str)) or category_id not in self.category_to_label:
+                problem("unknown category id", annotation, subject, f"unknown category id {category_id!r}")
                 continue
-            x, y, w, h = (float(v) for v in annotation["bbox"])
+            bbox = annotation.get("bbox")
+            try:
+                x, y, w, h = (float(v) for v in bbox)
+                if not all(math.isfinite(v) for v in (x, y, w, h)):
+                    raise ValueError
+            except (TypeError, ValueError):
+                detail = "no bbox" if bbox is None else f"bbox {bbox!r} is not 4 finite numbers"
+                problem("missing or malformed bbox", annotation, subject, f"{detail}; expected bbox [x, y, width, height]")
+                continue
             if w <= 0 or h <= 0:
                 problem("zero or negative width/height", annotation, subject, f"bbox {annotation['bbox']} has no area")
                 continue
@@ -124,7 +195,7 @@ class CocoAnnotations:
             image["annotations"].append(
                 {
                     "box": [x1, y1, x2, y2],
-                    "label": self.category_to_label[annotation["category_id"]],
+                    "label": self.category_to_label[category_id],
                     "iscrowd": int(annotation.get("iscrowd", 0)),
                     "area": float(annotation.get("area", (x2 - x1) * (y2 - y1))),
                 }
@@ -134,6 +205,25 @@ class CocoAnnotations:
             hint = "" if strict else "; pass strict=True to raise instead"
             warnings.warn(f"{self.source}: fixed or dropped bad annotations ({counts}){hint}")
         self.problems = dict(problems)
+        kept = [a for image in self.images.values() for a in image["annotations"]]
+        self.counts = {
+            "images read": len(data["images"]),
+            "images kept": len(self.images),
+            "annotations read": len(data["annotations"]),
+            "boxes kept": len(kept),
+            "crowd boxes kept": sum(a["iscrowd"] for a in kept),
+            "annotations of dropped images": with_dropped_image,
+        }
+
+    def summary(self) -> str:
+        """The numbers read, kept and dropped, in words (for messages)."""
+        c = self.counts
+        dropped = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.problems.items())) or "none"
+        return (
+            f"read {c['images read']} images and {c['annotations read']} annotations; kept {c['images kept']} images "
+            f"and {c['boxes kept']} boxes ({c['crowd boxes kept']} crowd); dropped {c['annotations of dropped images']} "
+            f"annotations with their images; problems: {dropped}"
+        )
 
     @classmethod
     def from_converted(cls, converted: ConvertedAnnotations, strict: bool = False) -> CocoAnnotations:
@@ -168,7 +258,12 @@ class ShrinkToMaxSize(v2.Transform):
 class CocoImages(Dataset):
     """Images and targets: ``(image float [0, 1], {"boxes" xyxy, "labels", "iscrowd", "area", "image_id"})``.
 
-    Training targets leave crowd boxes out; evaluation targets keep them, marked ``iscrowd``.
+    Training targets leave crowd boxes out; evaluation targets keep them, marked ``iscrowd``. A
+    training set without an image with a non-crowd box, or an evaluation set without images, raises
+    ``InvalidAnnotationError`` with the numbers read and dropped. An image whose decoded size is not
+    the json's ``width`` x ``height`` raises ``InvalidAnnotationError`` naming the file and both
+    sizes when it is read (as detectron2 checks; torchvision's ``CocoDetection`` would use the
+    boxes as they are): the boxes are in the json's frame, so neither size can be trusted silently.
     """
 
     def __init__(self, coco: CocoAnnotations, train: bool, transform: v2.Transform) -> None:
@@ -176,13 +271,19 @@ class CocoImages(Dataset):
         self.train = train
         self.ids = coco.image_ids(with_boxes_only=train)
         self.transform = transform
+        if not self.ids and train:
+            raise InvalidAnnotationError(f"{coco.source}: no image has a usable (non-crowd) box to train on ({coco.summary()})")
+        if not self.ids:
+            raise InvalidAnnotationError(f"{coco.source}: no usable image to evaluate on ({coco.summary()})")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image_info = self.coco.images[self.ids[index]]
-        image = read_image(self.coco.image_dir / image_info["file_name"])
+        path = self.coco.image_dir / image_info["file_name"]
+        image = read_image(path)
+        self.check_size(path, image, image_info)
         annotations = [a for a in image_info["annotations"] if not (self.train and a["iscrowd"])]
         target = {
             "boxes": tv_tensors.BoundingBoxes(
@@ -199,6 +300,20 @@ class CocoImages(Dataset):
         return image.as_subclass(torch.Tensor), target
 
 
+    def check_size(self, path: Path, image: torch.Tensor, image_info: dict[str, Any]) -> None:
+        """Raise ``InvalidAnnotationError`` if the decoded image's size is not the json's ``width`` x
+        ``height``: the boxes were clipped against, and are in the frame of, the json's size."""
+        height, width = image.shape[-2:]
+        if (width, height) != (image_info["width"], image_info["height"]):
+            rotated = (height, width) == (image_info["width"], image_info["height"])
+            hint = " (width and height swapped: an EXIF rotation? images are read unrotated)" if rotated else ""
+            raise InvalidAnnotationError(
+                f"{path} is {width}x{height} (WxH) but {self.coco.source} gives image id {image_info['id']} width "
+                f"{image_info['width']}, height {image_info['height']}{hint}; its boxes are in the json's frame: "
+                "fix the json's width/height, or use the images it was made for"
+            )
+
+
 class FolderImages(Dataset):
     """Images of a directory for ``predict``: (image float [0, 1], {"path"})."""
 
@@ -211,7 +326,7 @@ class FolderImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, str]]:
-        image = read_image(self.paths[index]).float() / 255
+        image = v2.functional.to_dtype(read_image(self.paths[index]), torch.float32, scale=True)
         return image, {"path": str(self.paths[index])}
 
 
@@ -323,8 +438,7 @@ class COCODetection(pl.LightningDataModule):
                     "annotations/instances_{train,val}2017.json and {train,val}2017/<image>.jpg, or pass "
                     "train_ann / train_images / val_ann / val_images"
                 )
-            with open(self.train_ann) as handle:
-                categories = json.load(handle).get("categories", [])
+            categories = _read_categories(read_coco_json(self.train_ann), str(self.train_ann))
         self.class_names = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
 
     def _locate(self, format: str, base: Path | None, train_images: str | None, val_images: str | None) -> tuple[Path, Path]:
@@ -433,7 +547,8 @@ class COCODetection(pl.LightningDataModule):
         return coco.label_to_category
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.pin_memory, self.persistent_workers, collate_lists)
+        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.pin_memory, self.persistent_workers, collate_lists,
+                           trainer=self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)

@@ -52,7 +52,9 @@ YOLO_LAYOUT = "images/<split>/<name>.jpg, labels/<split>/<name>.txt (class cx cy
 
 
 class InvalidAnnotationError(ValueError):
-    """An annotation that cannot be used (with ``strict=True``)."""
+    """An annotation that cannot be used (with ``strict=True``), or an annotation file that cannot be
+    read at all (e.g. invalid JSON), or an image whose size is not its annotation's; the message names
+    the file and the object."""
 
 
 @dataclass

@@ -19,8 +19,8 @@ from torchvision.utils import draw_bounding_boxes
 
 from tasks.common.backbones import backbone_name
 from tasks.common.export import atomic_write
-from tasks.common.module import ChannelsLastMixin
-from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, warmup_cosine
+from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
+from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
 from tasks.detection.coco_eval import CocoEvaluation
 from tasks.detection.ssdlite import SSDRawOutputs, ssdlite_mobileone
 
@@ -52,7 +52,7 @@ def coco_table(results: dict[str, torch.Tensor]) -> str:
     return "\n".join(lines)
 
 
-class ObjectDetectionTask(ChannelsLastMixin, pl.LightningModule):
+class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     """SSDLite-MobileOne trained with SSD's loss, evaluated with COCO mAP.
 
     Args:
@@ -150,7 +150,7 @@ class ObjectDetectionTask(ChannelsLastMixin, pl.LightningModule):
         global_batch = global_batch_size(trainer, self.hparams.reference_batch_size)
         lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
         optimizer = torch.optim.SGD(parameter_groups(self.model, self.hparams.weight_decay), lr=lr, momentum=self.hparams.momentum)
-        total_steps = int(trainer.estimated_stepping_batches)
+        total_steps = training_steps(trainer)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, min(self.hparams.warmup_iters, total_steps // 2)))
         log.info("SGD lr %.4g for a global batch of %d", lr, global_batch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -13,15 +13,24 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD, list_images, make_loader, read_image, write_dataset_atomically
+from tasks.common.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    list_images,
+    make_loader,
+    read_image,
+    write_dataset_atomically,
+)
 
 __all__ = [
     "ADE20K",
+    "CorruptImageError",
     "VOC_CLASSES",
     "FolderSegmentation",
     "InvalidMaskError",
@@ -59,13 +68,21 @@ def voc_palette() -> list[int]:
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A label mask as an (H, W) integer array: palette PNGs give their indices, grayscale PNGs their values."""
-    with Image.open(path) as mask:
-        if mask.mode not in ("P", "L", "I", "I;16"):
-            raise InvalidMaskError(
-                f"mask {path} has PIL mode {mask.mode!r}; expected a palette ('P') or grayscale ('L') PNG holding class indices"
-            )
-        return np.array(mask, dtype=np.int64)
+    """A label mask as an (H, W) integer array: palette PNGs give their indices, grayscale PNGs their values.
+
+    A file that cannot be decoded (truncated, not an image) raises ``CorruptImageError`` naming it;
+    another mode (e.g. RGB) raises ``InvalidMaskError``."""
+    try:
+        with Image.open(path) as mask:
+            mode = mask.mode
+            labels = np.array(mask, dtype=np.int64) if mode in ("P", "L", "I", "I;16") else None
+    except UnidentifiedImageError:
+        raise CorruptImageError(f"cannot decode mask file {path}: not an image; expected a palette or grayscale PNG") from None
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or damaged data
+        raise CorruptImageError(f"cannot decode mask file {path}: {error}; expected a complete palette or grayscale PNG") from error
+    if labels is None:
+        raise InvalidMaskError(f"mask {path} has PIL mode {mode!r}; expected a palette ('P') or grayscale ('L') PNG holding class indices")
+    return labels
 
 
 class SegmentationPairs(Dataset):
@@ -255,7 +272,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return make_loader(
             dataset, batch_size, shuffle, self.num_workers, self.pin_memory, self.persistent_workers,
-            pad_collate(self.ignore_index),
+            pad_collate(self.ignore_index), trainer=self.trainer,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -18,8 +18,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tasks.common.backbones import backbone_name
 from tasks.common.export import atomic_write
-from tasks.common.module import ChannelsLastMixin
-from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate
+from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
+from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps
 from tasks.segmentation.data import voc_palette
 from tasks.segmentation.deeplabv3 import DeepLabV3, DeepLabV3Logits
 
@@ -51,7 +51,7 @@ def poly_schedule(total_steps: int, power: float, warmup_steps: int = 0) -> Any:
     return factor
 
 
-class SemanticSegmentationTask(ChannelsLastMixin, pl.LightningModule):
+class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     """DeepLabV3-MobileOne trained with cross-entropy (+ auxiliary FCN loss), evaluated by mIoU.
 
     Args:
@@ -172,7 +172,7 @@ class SemanticSegmentationTask(ChannelsLastMixin, pl.LightningModule):
         for group in parameter_groups(heads, self.hparams.weight_decay):
             groups.append({**group, "lr": lr * self.hparams.head_lr_multiplier})
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=self.hparams.momentum)
-        total_steps = int(trainer.estimated_stepping_batches)
+        total_steps = training_steps(trainer)
         warmup = int(self.hparams.warmup_epochs * total_steps / max(1, trainer.max_epochs or 1))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_steps, self.hparams.poly_power, warmup))
         log.info("SGD: backbone lr %.4g, heads %.4g, global batch %d", lr, lr * self.hparams.head_lr_multiplier, global_batch)
