@@ -29,6 +29,11 @@ def voc_root(tmp_path_factory) -> Path:
     return make_demo_voc(tmp_path_factory.mktemp("voc") / "VOCdevkit", train_images=8, val_images=2, size=64)
 
 
+# the ImageNet recipes' exponential moving average of the weights and weight-decay annealing, which must resume too
+EMA = {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}}
+COSINE_WEIGHT_DECAY = {"class_path": "tasks.common.callbacks.CosineWeightDecay", "init_args": {"start": 1e-3, "end": 1e-5}}
+
+
 def callbacks(*extra: dict, every_n_steps: int = 2, **checkpoint_args: object) -> str:
     checkpoint = {"class_path": "tasks.common.callbacks.TaskCheckpoint",
                   "init_args": {"last_every_n_train_steps": every_n_steps, **checkpoint_args}}
@@ -59,25 +64,26 @@ def assert_same_state(expected: dict, actual: dict, what: str) -> None:
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"]), f"{what}: optimizer momentum differs"
 
 
-def kill_and_resume(task: str, data_args: list[str], steps_per_epoch: int, tmp_path: Path) -> None:
+def kill_and_resume(task: str, data_args: list[str], steps_per_epoch: int, tmp_path: Path, *extra: dict) -> None:
     steps = steps_per_epoch * EPOCHS
     step = random.Random().randint(2, steps - 1)
     what = f"{task} killed before step {step} of {steps}"
-    straight = fit(task, tmp_path / "straight", *data_args, callbacks())
+    fit(task, tmp_path / "straight", *data_args, callbacks(*extra))
     killed = fit(task, tmp_path / "killed", *data_args,
-                 callbacks({"class_path": "kill_at_step.KillAtStep", "init_args": {"step": step}}), check=False)
+                 callbacks(*extra, {"class_path": "kill_at_step.KillAtStep", "init_args": {"step": step}}), check=False)
     assert killed.returncode == -9, f"{what}: the run was not killed (exit {killed.returncode})"
     saved = max(s for s in range(1, step + 1) if s % 2 == 0 or s % steps_per_epoch == 0)
     assert load(tmp_path / "killed" / "checkpoints" / "last.ckpt")["global_step"] == saved, what
-    fit(task, tmp_path / "killed", *data_args, callbacks(), "--ckpt_path=last")
+    fit(task, tmp_path / "killed", *data_args, callbacks(*extra), "--ckpt_path=last")
     expected = load(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     assert expected["global_step"] == steps
     assert_same_state(expected, load(tmp_path / "killed" / "checkpoints" / "last.ckpt"), what)
 
 
 def test_classification_resume_is_bit_exact(image_root, tmp_path):
-    # 30 images, batch 4, last partial batch dropped: 7 steps per epoch; two loader workers
-    kill_and_resume("classification", [f"--data.root={image_root}", "--data.num_workers=2"], 7, tmp_path)
+    # 30 images, batch 4, last partial batch dropped: 7 steps per epoch; two loader workers; EMA, weight decay annealing
+    kill_and_resume("classification", [f"--data.root={image_root}", "--data.num_workers=2"], 7, tmp_path,
+                    EMA, COSINE_WEIGHT_DECAY)
 
 
 def test_segmentation_resume_is_bit_exact(voc_root, tmp_path):
