@@ -1,8 +1,16 @@
-"""MobileOne backbone: network, reparameterization and checkpoint I/O. Imports only torch."""
+"""MobileOne backbone: network, reparameterization, checkpoint I/O and pretrained weights by name. Imports only torch."""
 
 from backbones.atomic import atomic_write_dir, atomic_write_file
 from backbones.export import coreml_op_types, fold_batchnorm_, fuse_for_deployment, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript
 from backbones.checkpoint import CheckpointMismatchError, LoadReport, describe_state_dict, load_checkpoint, read_state_dict
+from backbones.hub import (
+    WeightsDownloadError,
+    WeightsIntegrityError,
+    apple_weights_url,
+    download_weights,
+    resolve_weights,
+    weights_cache_dir,
+)
 from backbones.network import (
     VARIANTS,
     FeatureInfo,
@@ -35,4 +43,10 @@ __all__ = [
     "to_coreml",
     "to_onnx_bytes",
     "to_torchscript",
+    "WeightsDownloadError",
+    "WeightsIntegrityError",
+    "apple_weights_url",
+    "download_weights",
+    "resolve_weights",
+    "weights_cache_dir",
 ]

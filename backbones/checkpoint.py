@@ -1,4 +1,5 @@
-"""Loading MobileOne weights: Apple's releases (both forms), wrapped files, DDP and Lightning checkpoints."""
+"""Loading MobileOne weights: Apple's releases (both forms), timm's state dicts (both forms), wrapped files,
+DDP and Lightning checkpoints."""
 
 from __future__ import annotations
 
@@ -64,6 +65,59 @@ def _unwrap(checkpoint: Mapping, source: str) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+# timm's names inside one MobileOneBlock -> ours (Apple's); reparam_conv is the same in both.
+_TIMM_BLOCK_PARTS = (
+    ("conv_kxk.", "rbr_conv."),
+    ("conv_scale.", "rbr_scale."),
+    ("identity.", "rbr_skip."),
+    ("attn.fc1.", "se.reduce."),
+    ("attn.fc2.", "se.expand."),
+)
+# A MobileOne stem in timm's layout, behind an optional prefix (DDP's module., a task's model., ...).
+_TIMM_STEM = re.compile(r"((?:.+\.)?)stem\.(?:conv_kxk\.\d+\.conv|reparam_conv)\.weight")
+_TIMM_LAYER = re.compile(r"(?:stem|stages[._](\d+)\.(\d+))\.(.+)")
+
+
+def _timm_key(key: str) -> str:
+    """One key, relative to the network, from timm's layout to ours; keys it does not know pass unchanged."""
+    if key in ("head.fc.weight", "head.fc.bias"):
+        return "linear." + key.rsplit(".", 1)[1]
+    match = _TIMM_LAYER.fullmatch(key)
+    if match is None:
+        return key
+    stage, layer, rest = match.groups()
+    for theirs, ours in _TIMM_BLOCK_PARTS:
+        if rest.startswith(theirs):
+            rest = ours + rest[len(theirs):]
+            break
+    return f"stage0.{rest}" if stage is None else f"stage{int(stage) + 1}.{layer}.{rest}"
+
+
+def _from_timm_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Rename a state dict in timm's MobileOne layout to ours (Apple's); (state dict, whether it was timm's).
+
+    timm (``timm.create_model("mobileone_sX")``, a ``ByobNet`` of ``MobileOneBlock``) names the stem
+    ``stem.*``, the layers of stage N (1..4) ``stages.{N-1}.{i}.*`` (``stages_{N-1}.{i}.*`` in its
+    ``features_only`` form) and the classifier ``head.fc.*``; ours are ``stage0.*``, ``stageN.{i}.*``
+    and ``linear.*``. Both list a stage's depthwise and pointwise layers alternately in one sequence,
+    so ``i`` is the same. Inside a layer timm's ``conv_kxk`` / ``conv_scale`` / ``identity`` (a
+    BatchNorm) / ``attn.fc1`` / ``attn.fc2`` are our ``rbr_conv`` / ``rbr_scale`` / ``rbr_skip`` /
+    ``se.reduce`` / ``se.expand``; the fused ``reparam_conv`` is named alike. The layout is recognised
+    by a MobileOne stem (``stem.conv_kxk.0.conv.weight`` or ``stem.reparam_conv.weight``); keys under
+    the prefix found in front of it are renamed, all other keys are kept as they are.
+    """
+    prefixes = sorted(
+        {match.group(1) for key in state_dict if (match := _TIMM_STEM.fullmatch(key))}, key=len, reverse=True
+    )
+    if not prefixes:
+        return dict(state_dict), False
+    renamed = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        renamed[key if prefix is None else prefix + _timm_key(key[len(prefix):])] = value
+    return renamed, True
+
+
 def _strip_prefix(state_dict: dict[str, torch.Tensor], source: str, prefix: str | None) -> tuple[dict, str]:
     state_dict = {re.sub(r"^(module\.)+", "", k): v for k, v in state_dict.items()}
     if prefix is None:
@@ -85,10 +139,11 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor], source: str, prefix: str 
 
 def _read_state_dict(
     checkpoint: str | os.PathLike | Mapping, prefix: str | None, weights_only: bool
-) -> tuple[dict[str, torch.Tensor], str, str]:
-    """(state dict, stripped prefix, a name of the source for messages)."""
+) -> tuple[dict[str, torch.Tensor], str, str, bool]:
+    """(state dict, stripped prefix, a name of the source for messages, whether it was in timm's layout)."""
     raw, source = _read(checkpoint, weights_only)
-    return (*_strip_prefix(_unwrap(raw, source), source, prefix), source)
+    state_dict, from_timm = _from_timm_layout(_unwrap(raw, source))
+    return (*_strip_prefix(state_dict, source, prefix), source, from_timm)
 
 
 def read_state_dict(
@@ -96,8 +151,9 @@ def read_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The MobileOne state dict in ``checkpoint`` (a path or a loaded object), with Apple's key names.
 
-    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}``, strips DDP's ``module.`` and a task
-    prefix in front of ``stage0.`` (or ``prefix``), as :func:`load_checkpoint` does.
+    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}``, renames timm's layout to Apple's, strips
+    DDP's ``module.`` and a task prefix in front of ``stage0.`` (or ``prefix``), as
+    :func:`load_checkpoint` does.
     """
     return _read_state_dict(checkpoint, prefix, weights_only)[0]
 
@@ -115,10 +171,13 @@ def _comparable(key: str) -> bool:
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Say which MobileOne variant and form a state dict looks like (or the closest one)."""
+    state_dict, from_timm = _from_timm_layout(state_dict)
+    if from_timm:
+        return describe_state_dict(state_dict) + ", in timm's layout"
     shapes = {k: tuple(v.shape) for k, v in state_dict.items() if _comparable(k)}
     if not any(k.startswith("stage0.") for k in shapes):
         if any(k.startswith("stages.") for k in shapes) and any(k.startswith("stem.") for k in shapes):
-            return "timm's MobileOne layout (stem.*, stages.*), not Apple's (stage0.*, stage1.*, ...)"
+            return "a timm-style layout (stem.*, stages.*), but not timm's MobileOne (no stem.conv_kxk.* / stem.reparam_conv.*)"
         return "not a MobileOne state dict in Apple's layout (no 'stage0.*' keys)"
     train = any(".rbr_conv." in k for k in shapes)
     inference = any(".reparam_conv." in k for k in shapes)
@@ -156,7 +215,8 @@ def load_checkpoint(
     """Load MobileOne weights into ``model`` (strictly, after the adjustments below).
 
     Accepts a path or an already loaded object: a plain state dict (Apple's
-    ``mobileone_sX_unfused.pth.tar`` / ``mobileone_sX.pth.tar``), one wrapped as
+    ``mobileone_sX_unfused.pth.tar`` / ``mobileone_sX.pth.tar``, or timm's ``mobileone_sX`` in train
+    or reparameterized form, whose keys are renamed to Apple's first), one wrapped as
     ``{"state_dict": ...}`` or ``{"model": ...}``, keys with DDP's ``module.`` prefix, and
     Lightning ``.ckpt`` files, whose task prefix (``model.``, ``model.backbone.``, ...) in front of
     ``stage0.`` is found and stripped (or given as ``prefix``); keys outside it are ignored.
@@ -166,7 +226,7 @@ def load_checkpoint(
     too. Anything else that does not fit raises :class:`CheckpointMismatchError` listing missing,
     unexpected and wrongly shaped keys and saying which variant and form the file looks like.
     """
-    state_dict, prefix, source = _read_state_dict(checkpoint, prefix, weights_only)
+    state_dict, prefix, source, from_timm = _read_state_dict(checkpoint, prefix, weights_only)
 
     if ignore_classifier is None:
         ignore_classifier = getattr(model, "out_indices", None) is not None
@@ -196,7 +256,8 @@ def load_checkpoint(
     )
     if missing or unexpected or wrong_shape:
         lines = [f"checkpoint {source} does not fit {type(model).__name__}."]
-        lines.append(f"  The file looks like: {describe_state_dict(state_dict)}.")
+        layout = ", in timm's layout" if from_timm else ""
+        lines.append(f"  The file looks like: {describe_state_dict(state_dict)}{layout}.")
         lines.append(f"  The model looks like: {describe_state_dict(expected)}.")
         file_fused = any(".reparam_conv." in k for k in state_dict)
         model_fused = any(".reparam_conv." in k for k in expected)
@@ -212,6 +273,8 @@ def load_checkpoint(
             lines.append(f"  {len(unexpected)} unexpected keys: {_format_keys(unexpected)}")
         if wrong_shape:
             lines.append(f"  {len(wrong_shape)} keys with wrong shapes: {_format_keys(wrong_shape)}")
+        if from_timm:
+            lines.append("  (keys are listed with Apple's names, renamed from timm's)")
         if prefix:
             lines.append(f"  (keys were read under the prefix {prefix!r})")
         raise CheckpointMismatchError("\n".join(lines))

@@ -7,3 +7,25 @@ VARIANT_NAMES = ["s0", "s1", "s2", "s3", "s4"]
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def _apple_weights_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("weights_cache")
+
+
+@pytest.fixture
+def apple_weights_cache(_apple_weights_dir, monkeypatch):
+    """Point the weights cache at a folder and return ``place(variant)``, which puts a generated
+    Apple-layout ``mobileone_<variant>_unfused.pth.tar`` there, as a user without network would:
+    configs asking for ``weights: apple`` then load it without a download."""
+    from backbones import mobileone
+
+    monkeypatch.setenv("MOBILEONE_WEIGHTS_DIR", str(_apple_weights_dir))
+
+    def place(variant: str) -> None:
+        path = _apple_weights_dir / f"mobileone_{variant}_unfused.pth.tar"
+        if not path.exists():
+            torch.save(mobileone(variant).state_dict(), path)
+
+    return place

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import onnxruntime
 import pytest
 import torch
+import yaml
 
 from backbones import mobileone, reparameterize_model
 from backbones.testing import relative_error
@@ -220,9 +221,13 @@ RECIPES = sorted((Path(__file__).parents[1] / "configs" / "classification").glob
 
 
 @pytest.mark.parametrize("config", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_shipped_config_runs(config, image_root, tmp_path, monkeypatch):
-    """Each recipe / demo config trains a step and validates (on CPU, tiny batch, fp32)."""
+def test_every_shipped_config_runs(config, image_root, tmp_path, monkeypatch, apple_weights_cache):
+    """Each recipe / demo config trains a step and validates (on CPU, tiny batch, fp32); configs
+    starting from Apple's weights find them in the cache (as placed by hand, offline)."""
     monkeypatch.chdir(tmp_path)
+    model = yaml.safe_load(config.read_text()).get("model") or {}
+    if model.get("weights") == "apple":
+        apple_weights_cache(model["variant"])
     main(["fit", "--config", str(config), "--data.root", str(image_root), "--trainer.fast_dev_run=1",
           "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--data.batch_size=2",
           "--data.num_workers=0", "--trainer.enable_progress_bar=false"])

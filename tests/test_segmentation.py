@@ -8,6 +8,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchvision import tv_tensors
 
@@ -281,9 +282,13 @@ SEGMENTATION_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "segmenta
 
 
 @pytest.mark.parametrize("config", SEGMENTATION_CONFIGS, ids=[p.stem for p in SEGMENTATION_CONFIGS])
-def test_every_shipped_config_runs(config, voc_root, tmp_path, monkeypatch):
-    """Each recipe / demo config trains a step and validates (CPU, tiny crops, fp32)."""
+def test_every_shipped_config_runs(config, voc_root, tmp_path, monkeypatch, apple_weights_cache):
+    """Each recipe / demo config trains a step and validates (CPU, tiny crops, fp32); recipes
+    starting from Apple's weights find them in the cache (as placed by hand, offline)."""
     monkeypatch.chdir(tmp_path)
+    model = yaml.safe_load(config.read_text()).get("model") or {}
+    if model.get("backbone_weights") == "apple":
+        apple_weights_cache(model["variant"])
     _add_sbd(voc_root)
     root = voc_root
     if "ade20k" in config.stem:

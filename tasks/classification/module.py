@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import load_checkpoint, mobileone, read_state_dict
-from tasks.common.backbones import backbone_name, classifier_network
+from tasks.common.backbones import backbone_name, classifier_network, resolve_backbone_weights
 from tasks.common.export import atomic_write
 from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
@@ -33,7 +33,8 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
             Only MobileOne is reparameterized at export.
         num_classes: classifier outputs (linked from the data by the CLI).
         class_names: names of the classes (linked from the data; kept in checkpoints for ``predict``).
-        weights: initial weights: Apple's ``mobileone_sX_unfused.pth.tar`` (train form) or
+        weights: initial weights: ``"apple"`` (Apple's ImageNet release of ``variant``, train form,
+            downloaded once into the weights cache), ``"hf-hub:<repo>"``, or a file: Apple's ``mobileone_sX_unfused.pth.tar`` (train form) or
             ``mobileone_sX.pth.tar`` (inference form: the network is then built fused), or one of
             our ``.ckpt`` files. A classifier of another class count is re-initialized. For a
             torchvision baseline a torchvision state dict (or our ``.ckpt``), for timm a local file.
@@ -71,6 +72,7 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
         super().__init__()
         self.save_hyperparameters()
         if backbone == "mobileone":
+            weights = resolve_backbone_weights(backbone, variant, weights)
             state_dict = read_state_dict(weights) if weights else None
             fused = state_dict is not None and any(".reparam_conv." in k for k in state_dict)
             self.network: nn.Module = mobileone(

@@ -26,9 +26,10 @@ import torch
 import torchvision
 from torch import nn
 
-from backbones import FeatureInfo, load_checkpoint, mobileone, read_state_dict
+from backbones import FeatureInfo, load_checkpoint, mobileone, read_state_dict, resolve_weights
 
-__all__ = ["BASELINE_BACKBONES", "TorchvisionFeatures", "backbone_name", "classifier_network", "feature_extractor"]
+__all__ = ["BASELINE_BACKBONES", "TorchvisionFeatures", "backbone_name", "classifier_network", "feature_extractor",
+           "resolve_backbone_weights"]
 
 MOBILEONE = "mobileone"
 BASELINE_BACKBONES = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
@@ -105,6 +106,7 @@ def classifier_network(
     (torchvision's or timm's). ``weights`` as for :func:`feature_extractor`; a classifier of
     another class count is left freshly initialized."""
     _check(backbone, backbone_kwargs)
+    weights = resolve_backbone_weights(backbone, variant, weights)
     if backbone == MOBILEONE:
         network = mobileone(variant, num_classes=num_classes, **(backbone_kwargs or {}))
         if weights:
@@ -195,6 +197,20 @@ class TimmFeatures(nn.Module):
         return list(self.body(x))
 
 
+def resolve_backbone_weights(backbone: str, variant: str, weights: str | None) -> str | None:
+    """``weights`` as a local file. For MobileOne, ``"apple"`` is Apple's ImageNet release of
+    ``variant`` in train form (downloaded once into the weights cache, its SHA-256 checked on every
+    use) and ``"hf-hub:<repo>"`` a Hugging Face Hub file (see ``backbones.resolve_weights``); any
+    other value is a path, for every backbone."""
+    if weights is None:
+        return None
+    if backbone == MOBILEONE:
+        return str(resolve_weights(weights, variant))
+    if weights == "apple":
+        raise ValueError(f"weights 'apple' are Apple's MobileOne releases; {backbone} takes a local file")
+    return weights
+
+
 def feature_extractor(
     backbone: str = MOBILEONE,
     variant: str = "s0",
@@ -209,6 +225,7 @@ def feature_extractor(
     classification ``.ckpt`` files, for timm a local file timm can load.
     """
     _check(backbone, backbone_kwargs)
+    weights = resolve_backbone_weights(backbone, variant, weights)
     if backbone == MOBILEONE:
         network = mobileone(variant, out_indices=(3, 4), output_stride=output_stride, **(backbone_kwargs or {}))
         if weights:

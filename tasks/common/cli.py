@@ -172,6 +172,11 @@ class TaskCLI(LightningCLI):
             if overridden:
                 rank_zero_warn(f"--ckpt_path {ckpt_path}: the model is built with the checkpoint's " + ", ".join(overridden))
         super()._parse_ckpt_path()
+        if ckpt_path:  # the checkpoint holds the weights: initial weights by name need no download (nor network)
+            model = self.config[subcommand].get("model") or {}
+            for key in ("weights", "backbone_weights"):
+                if key in model and isinstance(model[key], str) and (model[key] == "apple" or model[key].startswith("hf-hub:")):
+                    model[key] = None
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
