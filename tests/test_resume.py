@@ -1,5 +1,6 @@
 """A training run killed with SIGKILL at a random step and resumed from ``last.ckpt`` ends with
-exactly the weights of the same run left alone; ``last.ckpt`` always holds the last epoch."""
+exactly the weights of the same run left alone; ``last.ckpt`` always holds the last epoch.
+``RESUME_TEST_STEP=<n>`` replays a kill before step n (a failure message names it)."""
 
 import json
 import os
@@ -66,7 +67,7 @@ def assert_same_state(expected: dict, actual: dict, what: str) -> None:
 
 def kill_and_resume(task: str, data_args: list[str], steps_per_epoch: int, tmp_path: Path, *extra: dict) -> None:
     steps = steps_per_epoch * EPOCHS
-    step = random.Random().randint(2, steps - 1)
+    step = int(os.environ.get("RESUME_TEST_STEP") or random.Random().randint(2, steps - 1))  # the variable replays a failure
     what = f"{task} killed before step {step} of {steps}"
     fit(task, tmp_path / "straight", *data_args, callbacks(*extra))
     killed = fit(task, tmp_path / "killed", *data_args,

@@ -58,7 +58,10 @@ class TaskCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        if self.last_every_n_train_steps and trainer.global_step % self.last_every_n_train_steps == 0:
+        # not on an epoch's last batch: the epoch-end save follows, after validation and the epoch-end
+        # hooks, and a run resumed from it continues exactly (one saved before them does not, with EMA)
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self.last_every_n_train_steps and trainer.global_step % self.last_every_n_train_steps == 0 and not last_batch:
             self._save_last_if_behind(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

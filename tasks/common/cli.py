@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from tasks.common.export import export_network
 from tasks.common.module import task_name
@@ -144,13 +148,57 @@ class TaskTrainer(pl.Trainer):
         )
 
 
+def show_task_logs() -> None:
+    """Print the ``tasks.*`` loggers' INFO lines (where files were written, the learning rate, export
+    steps, ...) on stderr, on rank 0 only, once per process. Where logging is already configured
+    (a handler on ``tasks`` or on the root logger, e.g. ``logging.basicConfig``), it is left alone."""
+    logger = logging.getLogger("tasks")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(lambda record: rank_zero_only.rank == 0)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+class SaveConfigNextToLogs(SaveConfigCallback):
+    """Saves the run's ``config.yaml`` into the logger's folder and says where, and writes nothing
+    without a logger (``--trainer.logger false``, ``fast_dev_run``), where Lightning would write it
+    into ``default_root_dir``, the working directory by default."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.logger is None or isinstance(trainer.logger, DummyLogger):
+            return
+        saved_before = self.already_saved
+        super().setup(trainer, pl_module, stage)
+        if self.already_saved and not saved_before and trainer.log_dir is not None:
+            rank_zero_info(f"config: {os.path.join(trainer.log_dir, self.config_filename)}")
+
+
 class TaskCLI(LightningCLI):
-    """LightningCLI with the ``export`` subcommand and this repo's defaults."""
+    """LightningCLI with the ``export`` subcommand and this repo's defaults: the tasks' log lines
+    shown, ``config.yaml`` saved next to the logs only, the best checkpoint named at the end of fit."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", TaskTrainer)
+        kwargs.setdefault("save_config_callback", SaveConfigNextToLogs)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        show_task_logs()
         super().__init__(*args, **kwargs)
+
+    def after_fit(self) -> None:
+        """Name the checkpoints the run left: the best with its metric, and the last."""
+        for callback in self.trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint):
+                continue
+            if callback.best_model_path and callback.monitor and callback.best_model_score is not None:
+                score = float(callback.best_model_score)
+                rank_zero_info(f"best checkpoint ({callback.monitor} = {score:.4f}): {callback.best_model_path}")
+            elif callback.best_model_path:
+                rank_zero_info(f"checkpoint: {callback.best_model_path}")
+            if callback.last_model_path:
+                rank_zero_info(f"last checkpoint: {callback.last_model_path}")
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` before LightningCLI reads the model's options from it.

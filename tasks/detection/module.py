@@ -41,6 +41,7 @@ COCO_SUMMARY = (
     ("mar_large", "Average Recall", "0.50:0.95", "large", 100),
 )
 LOGGED = {"map": "mAP", "map_50": "mAP_50", "map_75": "mAP_75", "map_small": "mAP_small", "map_medium": "mAP_medium", "map_large": "mAP_large"}
+SIZE_KEYS = ("map_small", "map_medium", "map_large")
 
 
 def coco_table(results: dict[str, torch.Tensor]) -> str:
@@ -130,6 +131,8 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
         results = self.val_map.compute()
         self.val_map.reset()
         for key, name in LOGGED.items():
+            if key in SIZE_KEYS and float(results[key]) < 0:  # COCO's -1: no ground truth of that size, not a value
+                continue
             self.log(f"{prefix}/{name}", float(results[key]), prog_bar=key == "map")
         if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             print(coco_table(results))
@@ -244,4 +247,6 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
             atomic_write(Path(self.output_dir) / f"{stem}.jpg", lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
         content = json.dumps(results)
         atomic_write(Path(self.output_dir) / "detections.json", lambda p: Path(p).write_text(content))
-        log.info("wrote %d detections for %d images to %s", len(results), len(predictions), self.output_dir)
+        images = sum(len(batch) for batch in predictions)
+        log.info("wrote %d detections for %d images to %s (detections.json, drawn <stem>.jpg)",
+                 len(results), images, self.output_dir)

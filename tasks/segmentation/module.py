@@ -220,6 +220,13 @@ class MaskWriter(pl.callbacks.BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.alpha = alpha
+        self.written = 0
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.written = 0
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log.info("wrote %d masks (<stem>.png) and overlays (<stem>_overlay.jpg) to %s", self.written, self.output_dir)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         palette = voc_palette()
@@ -237,3 +244,4 @@ class MaskWriter(pl.callbacks.BasePredictionWriter):
                 buffer = io.BytesIO()
                 picture.save(buffer, format=kind)
                 atomic_write(Path(self.output_dir) / name, lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
+            self.written += 1
