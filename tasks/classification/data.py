@@ -8,7 +8,6 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -144,13 +143,6 @@ def collate_skipping_missing(batch: list) -> object:
     """``default_collate`` without the samples a dataset skipped (returned as None); None if none is left."""
     batch = [sample for sample in batch if sample is not None]
     return default_collate(batch) if batch else None
-
-
-def collate_predictions_skipping_missing(batch: list, image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """``collate_skipping_missing`` for ``predict``: a batch whose images were all skipped is empty
-    (no images, no paths) rather than None, so ``predict_step`` runs on it and adds no rows."""
-    kept = [sample for sample in batch if sample is not None]
-    return default_collate(kept) if kept else (torch.empty(0, 3, image_size, image_size), [])
 
 
 class ReportSkippedImages(pl.Callback):
@@ -346,8 +338,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
         collate = collate_skipping_missing if hp.skip_corrupt else None
-        if hp.skip_corrupt and isinstance(dataset, UnlabelledImages):
-            collate = partial(collate_predictions_skipping_missing, image_size=hp.eval_image_size)
         return make_loader(dataset, self.batch_size, shuffle, hp.num_workers, hp.pin_memory, hp.persistent_workers, collate,
                            trainer=self.trainer)
 

@@ -13,8 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from backbones import load_checkpoint, mobileone, read_state_dict
-from tasks.common.backbones import backbone_name, classifier_network, resolve_backbone_weights
+from tasks.common.backbones import backbone_name, classifier_network
 from tasks.common.export import atomic_write
 from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
@@ -71,33 +70,11 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if backbone == "mobileone":
-            weights = resolve_backbone_weights(backbone, variant, weights)
-            state_dict = read_state_dict(weights) if weights else None
-            fused = state_dict is not None and any(".reparam_conv." in k for k in state_dict)
-            self.network: nn.Module = mobileone(
-                variant, num_classes=num_classes, inference_mode=fused, **(backbone_kwargs or {})
-            )
-            if state_dict is not None:
-                self._load_weights(state_dict, weights)
-        else:
-            self.network = classifier_network(backbone, variant, num_classes, weights, backbone_kwargs)
+        self.network: nn.Module = classifier_network(backbone, variant, num_classes, weights, backbone_kwargs)
         top_k = min(5, num_classes)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.val_loss = MeanMetric()
-
-    def _load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
-        head = state_dict.get("linear.weight")
-        # another class count: a fine-tuning start (another width is another variant: load_checkpoint says so)
-        mismatched = head is not None and head.shape[0] != self.network.linear.weight.shape[0]
-        report = load_checkpoint(self.network, source, ignore_classifier=mismatched)
-        if mismatched:
-            log.warning(
-                "weights %s have a %d-class classifier, the model has %d classes: the classifier is re-initialized",
-                source, head.shape[0], self.network.num_classes,
-            )
-        log.info("loaded weights from %s%s", source, f" (left out: {len(report.dropped)} keys)" if report.dropped else "")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.uses_channels_last:
@@ -133,6 +110,8 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+        if batch is None:  # every image of the batch was unreadable (skip_corrupt): no rows
+            return []
         images, paths = batch
         probabilities = self(images).float().softmax(dim=1)
         top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)

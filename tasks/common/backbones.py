@@ -19,6 +19,7 @@ a checkpoint is given.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -30,6 +31,8 @@ from backbones import FeatureInfo, load_checkpoint, mobileone, read_state_dict, 
 
 __all__ = ["BASELINE_BACKBONES", "TorchvisionFeatures", "backbone_name", "classifier_network", "feature_extractor",
            "resolve_backbone_weights"]
+
+log = logging.getLogger(__name__)
 
 MOBILEONE = "mobileone"
 BASELINE_BACKBONES = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
@@ -101,18 +104,25 @@ def _torchvision_network(name: str, weights: str | None, num_classes: int = 1000
 def classifier_network(
     backbone: str, variant: str, num_classes: int, weights: str | None = None, backbone_kwargs: dict[str, Any] | None = None
 ) -> nn.Module:
-    """A whole classification network with ``num_classes`` outputs: MobileOne (train form; the
-    classification task itself also reads Apple's fused files), or a baseline's own network
-    (torchvision's or timm's). ``weights`` as for :func:`feature_extractor`; a classifier of
-    another class count is left freshly initialized."""
+    """A whole classification network with ``num_classes`` outputs: MobileOne (train form, or
+    inference form when ``weights`` is a fused file such as Apple's ``mobileone_sX.pth.tar``), or a
+    baseline's own network (torchvision's or timm's). ``weights`` as for :func:`feature_extractor`;
+    a classifier of another class count is left freshly initialized (a warning says so), while
+    weights of another width (another variant) raise ``load_checkpoint``'s error naming the file."""
     _check(backbone, backbone_kwargs)
     weights = resolve_backbone_weights(backbone, variant, weights)
     if backbone == MOBILEONE:
-        network = mobileone(variant, num_classes=num_classes, **(backbone_kwargs or {}))
-        if weights:
-            state = read_state_dict(weights)
+        state = read_state_dict(weights) if weights else None
+        fused = state is not None and any(".reparam_conv." in key for key in state)
+        network = mobileone(variant, num_classes=num_classes, inference_mode=fused, **(backbone_kwargs or {}))
+        if state is not None:
             head = state.get("linear.weight")
-            load_checkpoint(network, state, ignore_classifier=head is not None and head.shape != network.linear.weight.shape)
+            other_classes = head is not None and head.shape[0] != network.linear.weight.shape[0]
+            report = load_checkpoint(network, weights, ignore_classifier=other_classes)  # the path: errors name it
+            if other_classes:
+                log.warning("weights %s have a %d-class classifier, the model has %d classes: the classifier is re-initialized",
+                            weights, head.shape[0], num_classes)
+            log.info("loaded weights from %s%s", weights, f" (left out: {len(report.dropped)} keys)" if report.dropped else "")
         return network
     if backbone.startswith(TIMM_PREFIX):
         return _timm().create_model(backbone.removeprefix(TIMM_PREFIX), num_classes=num_classes, **_timm_weights(weights))

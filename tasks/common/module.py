@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tasks.common.sampling import world_size_and_rank
+
 log = logging.getLogger(__name__)
 
 
@@ -77,8 +79,9 @@ class CheckpointStateMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["task"] = task_name(type(self))
         states = _random_states()
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * dist.get_world_size()
+        world, _ = world_size_and_rank()
+        if world > 1:
+            gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, states)
             checkpoint["random_states"] = gathered
         else:
@@ -86,7 +89,7 @@ class CheckpointStateMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         gathered = checkpoint.get("random_states") or []
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        _, rank = world_size_and_rank()
         self._random_states_to_restore = gathered[rank] if rank < len(gathered) else None
 
     def on_train_start(self) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "global_seed",
     "sample_seed",
     "training_position",
+    "world_size_and_rank",
 ]
 
 
@@ -57,7 +58,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(state >> np.uint64(1))
 
 
-def _world() -> tuple[int, int]:
+def world_size_and_rank() -> tuple[int, int]:
+    """The number of processes of the run and this one's rank (1, 0 when not distributed)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
@@ -91,7 +93,7 @@ class SeededShuffleSampler(DistributedSampler):
         seed: int | None = None,
         position: Callable[[], tuple[int, int] | None] | None = None,
     ) -> None:
-        world, rank = _world()
+        world, rank = world_size_and_rank()
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True,
                          seed=global_seed() if seed is None else seed, drop_last=False)
         self.batch_size = batch_size
@@ -106,7 +108,8 @@ class SeededShuffleSampler(DistributedSampler):
                 epoch, batches = epoch + 1, 0
             self.epoch, skip = epoch, batches * self.batch_size
         indices = list(super().__iter__())[skip:]
-        return iter([(sample_seed(self.seed, self.epoch, index), index) for index in indices])
+        seed, epoch = self.seed, self.epoch  # seeds drawn as the loader asks, not all up front (~10 us each)
+        return ((sample_seed(seed, epoch, index), index) for index in indices)
 
 
 class SeededDataset(Dataset):
@@ -144,7 +147,7 @@ def _seed_all(seed: int) -> None:
 def evaluation_sampler(dataset: Dataset) -> Sampler | None:
     """In a distributed run, a sampler giving every sample to exactly one process, in order;
     ``None`` (the DataLoader's sequential default) otherwise."""
-    world, rank = _world()
+    world, rank = world_size_and_rank()
     if world == 1:
         return None
     return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
