@@ -133,3 +133,24 @@ def test_real_data_reads_curves_and_rewrites_only_its_section(tmp_path):
     assert text.startswith("# Results\n\nbefore\n\n") and text.endswith("\n\nafter\n")
     write_section(results, section)
     assert results.read_text() == text, "rewriting is idempotent"
+
+
+def test_batchnorm_recalibration_repairs_stale_running_statistics():
+    """Running statistics that no longer match the weights (here: set 1000x too small) wreck the
+    evaluation; recomputed from a few batches under the same weights, they give it back."""
+    from benchmarks.batchnorm_recalibration import evaluate, recalibrated
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    batches = [(torch.randn(16, 3, 8, 8) * 5 + 2, torch.randint(0, 2, (16,))) for _ in range(4)]
+    network.train()
+    with torch.no_grad():
+        for images, _ in batches * 10:
+            network(images)
+    healthy = evaluate(network, batches)[0]
+    network[1].running_var /= 1000
+    assert evaluate(network, batches)[0] > 3 * healthy
+    fixed = recalibrated(network, batches, batches=4)
+    assert abs(evaluate(fixed, batches)[0] - healthy) < 0.05 * healthy
+    assert network[1].running_var.max() < 1  # the original is left as it was

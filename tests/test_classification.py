@@ -13,8 +13,9 @@ import yaml
 
 from backbones import mobileone, reparameterize_model
 from backbones.testing import relative_error
-from tasks.classification.__main__ import main
+from tasks.classification.__main__ import ClassificationCLI, main
 from tasks.classification.data import CorruptImageError, ImageFolderDataModule, make_demo_dataset
+from tasks.classification.module import ImageClassificationTask
 from tasks.common.callbacks import CosineWeightDecay, ProgressiveResolution
 
 CONFIG = str(Path(__file__).parent / "configs" / "classification.yaml")
@@ -65,7 +66,12 @@ def test_resume_with_ckpt_path_last(image_root, tmp_path):
 
 def test_validate_and_predict(image_root, trained, tmp_path):
     ckpt = str(last_checkpoint(trained))
-    run("validate", image_root, tmp_path, f"--ckpt_path={ckpt}")
+    cli = ClassificationCLI(ImageClassificationTask, ImageFolderDataModule, args=[
+        "validate", "--config", CONFIG, "--data.root", str(image_root), "--trainer.default_root_dir", str(tmp_path),
+        f"--ckpt_path={ckpt}"])
+    # top-5 accuracy is always 1 with 5 classes: not logged
+    assert "val/acc1" in cli.trainer.callback_metrics and "val/acc5" not in cli.trainer.callback_metrics
+    assert ImageClassificationTask(variant="s0", num_classes=6).val_acc5 is not None
     output = tmp_path / "predictions.csv"
     run("predict", image_root, tmp_path, f"--ckpt_path={ckpt}", f"--data.predict_dir={image_root / 'val' / 'square'}",
         f"--predictions.output={output}")

@@ -43,6 +43,7 @@ def run_cli(task: str, workdir: Path, *args: str) -> str:
         source = warning["file"]
         assert not source.startswith((str(ROOT / "tasks"), str(ROOT / "backbones"))), warning.group(0)
         assert "image decoding" not in warning["message"], warning.group(0)
+    assert "Tip:" not in output and "LeafSpec" not in output, output[-2000:]  # Lightning's adverts, its own deprecation
     return output
 
 
@@ -60,9 +61,10 @@ def test_classification_cli_names_what_it_writes(tmp_path, repository_root_uncha
     assert "last checkpoint:" in output and "SGD lr" in output
     run_cli("classification", tmp_path, "predict", *common, "--ckpt_path=run/checkpoints/last.ckpt",
             f"--data.predict_dir={data / 'val'}")
-    assert (tmp_path / "predictions.csv").is_file()
-    run_cli("classification", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt", "--output=exported")
-    assert (tmp_path / "exported" / "model.onnx").is_file()
+    assert (tmp_path / "outputs" / "classification" / "predictions.csv").is_file()  # the default place
+    output = run_cli("classification", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt")
+    assert (tmp_path / "outputs" / "classification" / "exported" / "model.onnx").is_file()  # the default place
+    assert re.search(r"fused_vs_unfused_agreement: 1\.000000 \(\d+ predictions\)|agreement not measured", output)
 
 
 def test_detection_cli_names_what_it_writes(tmp_path, repository_root_unchanged):
@@ -85,3 +87,27 @@ def test_segmentation_cli_names_what_it_writes(tmp_path, repository_root_unchang
             f"--data.init_args.predict_dir={data / 'VOC2012' / 'JPEGImages'}", "--predictions.output_dir=masks")
     assert any((tmp_path / "masks").glob("*_overlay.jpg"))
     run_cli("segmentation", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt", "--output=exported")
+
+
+def test_log_lines_start_on_a_line_of_their_own_above_a_progress_bar():
+    """A result table logged while a tqdm bar is drawn (validation's) is not glued onto the bar's line."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from tasks.common.cli import _ProgressBarSafeHandler
+
+    stream = io.StringIO()
+    handler = _ProgressBarSafeHandler(stream)
+    logger = logging.getLogger("tasks.test_progress_bar")
+    logger.addHandler(handler)
+    try:
+        with tqdm(total=10, file=stream, desc="Validation", ascii=True) as bar:
+            bar.update(3)
+            logger.warning("class  IoU\nmIoU  42.00")
+            bar.update(7)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().replace("\r", "\n").split("\n")
+    assert "class  IoU" in lines and "mIoU  42.00" in lines

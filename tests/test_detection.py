@@ -1,6 +1,7 @@
 """The detection task: anchors vs mmdetection, COCO mAP vs pycocotools, data checks, the CLI end to end."""
 
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -77,9 +78,10 @@ def test_demo_layout_is_coco(coco_root):
     assert any(not coco.getAnnIds(imgIds=[i]) for i in coco.getImgIds()), "some validation images have no objects"
 
 
-def test_validate_prints_coco_table(coco_root, trained, tmp_path, capsys):
+def test_validate_prints_coco_table(coco_root, trained, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="tasks")
     run("validate", coco_root, tmp_path, f"--ckpt_path={trained}")
-    table = capsys.readouterr().out
+    table = caplog.text
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in table
     assert table.count("Average Recall") == 6
 
@@ -104,7 +106,9 @@ def test_export_matches_detections(coco_root, trained, tmp_path):
     run("export", coco_root, tmp_path, f"--ckpt_path={trained}", f"--output={out}", "--tolerance=1e-3")
     metadata = json.loads((out / "model.json").read_text())
     assert metadata["fused_vs_unfused_relative_error"] < 1e-3 and metadata["onnx_vs_pytorch_relative_error"] < 1e-3
-    assert metadata["fused_vs_unfused_agreement"] >= 0.99  # 1.0 for the trained demo detector (README)
+    # compared on every detection the detector keeps (score >= 0.02 after NMS, up to 200 per image)
+    assert metadata["fused_vs_unfused_agreement_count"] >= 10
+    assert metadata["fused_vs_unfused_agreement"] >= 0.99
     assert metadata["category_ids"] == {"1": 1, "2": 2, "3": 3}
     import onnx
 

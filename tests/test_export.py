@@ -92,6 +92,19 @@ def test_export_network_checks_torchscript_before_writing(tmp_path, monkeypatch)
     assert not (tmp_path / "bad").exists()
 
 
+def test_export_reports_agreement_with_its_count_and_none_on_too_few(tmp_path):
+    import tasks.common.export as export
+
+    network = randomize_batchnorm(mobileone("s0", num_classes=4))
+    x = torch.randn(12, 3, 32, 32)
+    result = export.export_network(network, x, tmp_path / "images", {}, onnx=False)
+    assert result["fused_vs_unfused_agreement"] == 1.0 and result["fused_vs_unfused_agreement_count"] == 12
+    few = export.export_network(network, x[:3], tmp_path / "few", {}, onnx=False)
+    assert few["fused_vs_unfused_agreement"] is None and few["fused_vs_unfused_agreement_count"] == 3
+    half = export.export_network(network, x, tmp_path / "half", {}, onnx=False, agreement=lambda fused, trained: (6, 12))
+    assert half["fused_vs_unfused_agreement"] == 0.5
+
+
 def test_export_cli_writes_torchscript(tmp_path):
     """``export --torchscript true`` through the classification CLI (untrained weights: no checkpoint)."""
     import json

@@ -93,9 +93,9 @@ def test_segmentation_resume_is_bit_exact(voc_root, tmp_path):
 
 
 def test_last_checkpoint_is_the_last_epoch_when_the_monitored_metric_stalls(image_root, tmp_path):
-    # val/acc5 is 1.0 at every epoch with 5 classes: no top-k improvement after epoch 0
+    # the monitored val/constant is 1.0 at every epoch: no improvement after epoch 0
     fit("classification", tmp_path, f"--data.root={image_root}",
-        callbacks(every_n_steps=0, monitor="val/acc5", mode="max", filename="best"))
+        callbacks({"class_path": "stalled_metric.ConstantMetric"}, every_n_steps=0, monitor="val/constant", mode="max", filename="best"))
     assert load(tmp_path / "checkpoints" / "best.ckpt")["epoch"] == 0
     last = load(tmp_path / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (EPOCHS - 1, 7 * EPOCHS)

@@ -1,6 +1,7 @@
 """The segmentation task through its real CLI, on generated VOC / ADE20K / folder layouts."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,10 @@ def test_demo_layout_is_voc(voc_root):
     assert labels <= {0, 1, 2, 3, 255} and 255 in labels and len(labels) >= 3
 
 
-def test_validate_prints_per_class_table(voc_root, trained, tmp_path, capsys):
+def test_validate_prints_per_class_table(voc_root, trained, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="tasks")
     run("validate", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={trained}")
-    table = capsys.readouterr().out
+    table = caplog.text
     for name in ("background", "circle", "square", "triangle", "mIoU", "pixel accuracy"):
         assert name in table
 

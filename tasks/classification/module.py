@@ -71,9 +71,9 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
         super().__init__()
         self.save_hyperparameters()
         self.network: nn.Module = classifier_network(backbone, variant, num_classes, weights, backbone_kwargs)
-        top_k = min(5, num_classes)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        # top-5 accuracy only where it can be below 1 (more than 5 classes)
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
         self.val_loss = MeanMetric()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -99,9 +99,10 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
         self.val_loss(F.cross_entropy(logits, labels, reduction="none"))  # a mean over samples, also across processes
         self.log(f"{prefix}/loss", self.val_loss)
         self.val_acc1(logits, labels)
-        self.val_acc5(logits, labels)
         self.log(f"{prefix}/acc1", self.val_acc1, prog_bar=True)
-        self.log(f"{prefix}/acc5", self.val_acc5)
+        if self.val_acc5 is not None:
+            self.val_acc5(logits, labels)
+            self.log(f"{prefix}/acc5", self.val_acc5)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -144,7 +145,7 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
     def export_network(self) -> nn.Module:
         return self.network
 
-    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 8) -> torch.Tensor:
+    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 32) -> torch.Tensor:
         if datamodule is None:
             raise ValueError("export checks the fused model on real validation images: it needs the data config")
         datamodule.setup("validate")
@@ -177,9 +178,13 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
 
 
 class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):
-    """Write ``predict``'s top-5 classes and probabilities per image to a CSV file (atomically)."""
+    """Write ``predict``'s top-5 classes and probabilities per image to a CSV file (atomically).
 
-    def __init__(self, output: str = "predictions.csv") -> None:
+    Args:
+        output: the CSV file (``path``, then ``class1, probability1`` ... per image), replaced if it exists.
+    """
+
+    def __init__(self, output: str = "outputs/classification/predictions.csv") -> None:
         super().__init__(write_interval="epoch")
         self.output = output
 

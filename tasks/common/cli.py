@@ -6,6 +6,7 @@ import inspect
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,11 +16,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from tqdm import tqdm
 
 from tasks.common.export import export_network
 from tasks.common.module import task_name
 
 __all__ = ["TaskCLI", "TaskTrainer", "export_task", "read_task_checkpoint"]
+
+SUBCOMMAND_HELP = {
+    "fit": "Train (and validate every epoch); resume with --ckpt_path last.",
+    "validate": "Evaluate a checkpoint (--ckpt_path) on the validation split.",
+    "test": "Evaluate a checkpoint (--ckpt_path) on the test split.",
+    "predict": "Run a checkpoint (--ckpt_path) on a folder of images and write the predictions.",
+    "export": "Reparameterize a checkpoint, check it numerically and write the deployable files.",
+}
 
 # --ckpt_path values that Lightning resolves itself
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")
@@ -97,9 +107,18 @@ def export_task(
     lines = [f"exported to {output}:"]
     lines += [f"  {name}: {path}" for name, path in sorted(result["files"].items())]
     lines += [f"  {key}: {value:.3e}" for key, value in result.items() if key.endswith("relative_error")]
-    lines += [f"  {key}: {value:.6f}" for key, value in result.items() if key.endswith("agreement")]
+    if result.get("fused_vs_unfused_agreement") is not None:
+        lines.append(f"  fused_vs_unfused_agreement: {result['fused_vs_unfused_agreement']:.6f}"
+                     f" ({result['fused_vs_unfused_agreement_count']} predictions)")
     rank_zero_info("\n".join(lines))
     return result
+
+
+def _task_folder(model_class: type) -> str:
+    """``classification`` for ``tasks.classification.module.ImageClassificationTask``; the class
+    name in lower case for a task defined elsewhere."""
+    parts = model_class.__module__.split(".")
+    return parts[1] if parts[0] == "tasks" and len(parts) > 2 else model_class.__name__.lower()
 
 
 class TaskTrainer(pl.Trainer):
@@ -110,7 +129,7 @@ class TaskTrainer(pl.Trainer):
         model: pl.LightningModule,
         datamodule: pl.LightningDataModule | None = None,
         ckpt_path: str | None = None,
-        output: str = "exported",
+        output: str | None = None,
         onnx: bool = True,
         torchscript: bool = False,
         tolerance: float = 1e-5,
@@ -119,15 +138,18 @@ class TaskTrainer(pl.Trainer):
         coreml_image_input: bool = False,
         coreml_image_size: int | tuple[int, int] | None = None,
     ) -> dict[str, Any]:
-        """Reparameterize a trained model, check it, and write its inference-form weights and ONNX
-        (and, on request, TorchScript and CoreML).
+        """Reparameterize a checkpoint, check it numerically and write the deployable files.
+
+        Writes the inference-form weights, ``model.json`` and ONNX (and, on request, TorchScript
+        and CoreML), each checked against the trained model on real validation images.
 
         Args:
             model: the task module (its weights come from ``ckpt_path`` when given).
             datamodule: supplies the real validation images the fused model is checked on.
             ckpt_path: a training checkpoint; with the EMA callback its ``state_dict`` holds the
                 averaged weights, which are the ones exported.
-            output: directory for ``model_fused.pt``, ``model.json``, ``model.onnx``.
+            output: directory for ``model_fused.pt``, ``model.json``, ``model.onnx`` (default:
+                ``outputs/<task>/exported``, e.g. ``outputs/detection/exported``), replaced as a whole.
             onnx: also write and check ``model.onnx`` (onnxruntime).
             torchscript: also write ``model_fused.torchscript.pt``, a trace checked against PyTorch.
             tolerance: largest accepted relative error, fused vs unfused, ONNX and TorchScript vs PyTorch.
@@ -141,6 +163,8 @@ class TaskTrainer(pl.Trainer):
         """
         if ckpt_path is not None:
             model.load_state_dict(read_task_checkpoint(ckpt_path, type(model))["state_dict"])
+        if output is None:
+            output = os.path.join("outputs", _task_folder(type(model)), "exported")
         return export_task(
             model, datamodule, output, onnx, torchscript, tolerance,
             coreml=coreml, coreml_precision=coreml_precision, coreml_image_input=coreml_image_input,
@@ -148,14 +172,39 @@ class TaskTrainer(pl.Trainer):
         )
 
 
-def show_task_logs() -> None:
+class _ProgressBarSafeHandler(logging.StreamHandler):
+    """Writes each record on lines of its own, above a running tqdm progress bar (``tqdm.write``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
+            self.handleError(record)
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    """Drop Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines."""
+    return not str(record.msg).startswith("💡 Tip")
+
+
+def configure_cli_output() -> None:
     """Print the ``tasks.*`` loggers' INFO lines (where files were written, the learning rate, export
-    steps, ...) on stderr, on rank 0 only, once per process. Where logging is already configured
-    (a handler on ``tasks`` or on the root logger, e.g. ``logging.basicConfig``), it is left alone."""
+    steps, result tables, ...) on stderr, on rank 0 only, on lines of their own above any progress
+    bar, once per process. Where logging is already configured (a handler on ``tasks`` or on the
+    root logger, e.g. ``logging.basicConfig``), it is left alone.
+
+    Silenced, as not the user's business: Lightning's advertising tips, the deprecation warning
+    Lightning 2.6 raises from inside itself (``LeafSpec``), and jsonargparse's deprecation warnings
+    about the calls LightningCLI makes (unless ``JSONARGPARSE_DEPRECATION_WARNINGS`` is set)."""
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_an_advert not in rank_zero_logger.filters:
+        rank_zero_logger.addFilter(_not_an_advert)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     logger = logging.getLogger("tasks")
     if logger.handlers or logging.getLogger().handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ProgressBarSafeHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(lambda record: rank_zero_only.rank == 0)
     logger.addHandler(handler)
@@ -180,12 +229,27 @@ class TaskCLI(LightningCLI):
     """LightningCLI with the ``export`` subcommand and this repo's defaults: the tasks' log lines
     shown, ``config.yaml`` saved next to the logs only, the best checkpoint named at the end of fit."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, model_class: type[pl.LightningModule], *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", TaskTrainer)
         kwargs.setdefault("save_config_callback", SaveConfigNextToLogs)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        show_task_logs()
-        super().__init__(*args, **kwargs)
+        task = _task_folder(model_class)
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("prog", f"python -m tasks.{task}" if model_class.__module__.startswith("tasks.") else None)
+        parser_kwargs.setdefault("description", (
+            f"{task.capitalize()} on MobileOne: train (fit), evaluate (validate, test), predict on a folder "
+            "of images, export the reparameterized network. Each subcommand lists its options "
+            "(e.g. fit --help)."
+        ))
+        configure_cli_output()
+        super().__init__(model_class, *args, **kwargs)
+
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        """Lightning's subcommands, with help lines that are whole sentences (Lightning's own are
+        the first line of a wrapped docstring, cut mid-sentence)."""
+        super()._add_subcommands(parser, **kwargs)
+        for action in parser._subcommands_action._choices_actions:
+            action.help = SUBCOMMAND_HELP.get(action.dest, action.help)
 
     def after_fit(self) -> None:
         """Name the checkpoints the run left: the best with its metric, and the last."""

@@ -34,9 +34,9 @@ __all__ = [
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's. They stay the first
 # choice here: on hymenoptera's 397 JPEGs they decode 705 images/s against PIL's 590 (1 thread, same
 # pixels: `python -m benchmarks.decode ../shared/datasets/hymenoptera`), and PIL takes over for
-# whatever they cannot read. The deprecation notice, raised on every image, is not the user's business.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-                        category=DeprecationWarning)
+# whatever they cannot read. The deprecation notice, raised on every image, is not the user's business:
+# it is silenced around each call, whatever warning filters the user's program sets.
+DECODER_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,7 +60,9 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     0..1 if all values lie in [0, 1], else 0..255, clipped). Animated images give their first frame.
     """
     try:
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=DECODER_DEPRECATION, category=DeprecationWarning)
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
     except Exception:  # formats or variants torchvision's decoders miss (TIFF, PGM, ...): PIL
         image = _read_with_pil(path)
     if image.ndim == 4:  # an animated GIF: (frames, C, H, W)

@@ -48,12 +48,16 @@ def _worst_error(actual: Any, expected: Any) -> float:
     return max(relative_error(a, e) for a, e in zip(output_tensors(actual), output_tensors(expected)))
 
 
-def _argmax_agreement(actual: Any, expected: Any) -> float:
-    """Fraction of positions (images, or pixels) whose top class is the same."""
+# Fewer predictions than this compared between the fused and trained models give no agreement figure.
+MIN_AGREEMENT_COUNT = 10
+
+
+def _argmax_agreement(actual: Any, expected: Any) -> tuple[int, int]:
+    """(positions whose top class is the same, positions compared): images, or pixels."""
     pairs = [(a, e) for a, e in zip(output_tensors(actual), output_tensors(expected)) if a.ndim >= 2]
-    same = sum((a.argmax(1) == e.argmax(1)).sum().item() for a, e in pairs)
+    same = sum(int((a.argmax(1) == e.argmax(1)).sum()) for a, e in pairs)
     total = sum(e.argmax(1).numel() for _, e in pairs)
-    return same / max(1, total)
+    return same, total
 
 
 def export_network(
@@ -65,7 +69,7 @@ def export_network(
     torchscript: bool = False,
     tolerance: float = 1e-5,
     dynamic_image_size: bool = False,
-    agreement: Callable[[Any, Any], float] | None = None,
+    agreement: Callable[[Any, Any], tuple[int, int]] | None = None,
     coreml: bool = False,
     coreml_precision: str = "float16",
     coreml_image_input: bool = False,
@@ -76,8 +80,11 @@ def export_network(
 
     Fusing = MobileOne layers reparameterized, then conv-BN pairs of ``nn.Sequential`` blocks
     (e.g. a segmentation head) folded. The report also gives the agreement between the fused and
-    trained models' predictions: ``agreement(fused_output, trained_output)`` when given (e.g.
-    matched detections), else the fraction of equal ``argmax`` over dim 1 (per image, or per pixel).
+    trained models' predictions, from ``agreement(fused_output, trained_output)`` when given (e.g.
+    matched detections), else from equal ``argmax`` over dim 1 (per image, or per pixel): the
+    function returns (predictions matched, predictions compared); the report holds the fraction as
+    ``fused_vs_unfused_agreement`` and the count as ``fused_vs_unfused_agreement_count``. With fewer
+    than ``MIN_AGREEMENT_COUNT`` predictions compared the fraction is ``None`` (too few to say).
 
     Writes ``model_fused.pt`` (the fused state dict), ``model.json`` (``metadata`` plus the
     errors), and optionally ``model.onnx`` (dynamic batch), a TorchScript trace (dynamic batch, and image size with ``dynamic_image_size``)
@@ -108,10 +115,15 @@ def export_network(
     with torch.no_grad():
         reference = network(example_inputs)
         fused_output = fused(example_inputs)
+    matched, compared = (agreement or _argmax_agreement)(fused_output, reference)
     report: dict[str, Any] = {
         "fused_vs_unfused_relative_error": _worst_error(fused_output, reference),
-        "fused_vs_unfused_agreement": (agreement or _argmax_agreement)(fused_output, reference),
+        "fused_vs_unfused_agreement": matched / compared if compared >= MIN_AGREEMENT_COUNT else None,
+        "fused_vs_unfused_agreement_count": compared,
     }
+    if compared < MIN_AGREEMENT_COUNT:
+        log.warning("fused vs unfused agreement not measured: %d predictions on %d images, fewer than %d",
+                    compared, len(example_inputs), MIN_AGREEMENT_COUNT)
     log.info("fused vs unfused relative error on %d images: %.3e", len(example_inputs), report["fused_vs_unfused_relative_error"])
     _check(report, "fused_vs_unfused_relative_error", tolerance, "the fused model differs from the trained one")
 

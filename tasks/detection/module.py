@@ -135,7 +135,7 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
                 continue
             self.log(f"{prefix}/{name}", float(results[key]), prog_bar=key == "map")
         if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            print(coco_table(results))
+            log.info("%s", coco_table(results))
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
@@ -177,24 +177,26 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
         resized = [F.interpolate(i[None], size=size, mode="bilinear", align_corners=False)[0] for i in images[:count]]
         return torch.stack([(i - mean) / std for i in resized])
 
-    def export_agreement(self, fused: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]) -> float:
-        """Fraction of the trained model's detections (after NMS, score >= 0.3) that the fused model
-        reproduces: same class, box IoU >= 0.99, score within 1e-3."""
+    def export_agreement(self, fused: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
+        """(detections of the trained model that the fused model reproduces, detections of the
+        trained model): after NMS at the detector's own ``score_thresh``, as ``predict`` keeps them;
+        reproduced = same class, box IoU >= 0.99, score within 1e-3."""
         matched = total = 0
         for (boxes_f, scores_f), (boxes_r, scores_r) in zip(zip(*fused), zip(*reference)):
-            kept_f, kept_r = self._postprocess(boxes_f, scores_f), self._postprocess(boxes_r, scores_r)
+            kept_f = self._postprocess(boxes_f, scores_f, self.hparams.score_thresh)
+            kept_r = self._postprocess(boxes_r, scores_r, self.hparams.score_thresh)
             total += len(kept_r[0])
             if len(kept_r[0]) and len(kept_f[0]):
                 iou = box_iou(kept_r[0], kept_f[0])
                 same = (kept_r[2][:, None] == kept_f[2][None]) & (iou >= 0.99) & ((kept_r[1][:, None] - kept_f[1][None]).abs() <= 1e-3)
                 matched += int(same.any(1).sum())
-        return matched / total if total else 1.0
+        return matched, total
 
-    def _postprocess(self, boxes: torch.Tensor, scores: torch.Tensor, threshold: float = 0.3) -> tuple[torch.Tensor, ...]:
+    def _postprocess(self, boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
         anchor, label = (scores[:, 1:] >= threshold).nonzero(as_tuple=True)
         label = label + 1
         box, score = boxes[anchor], scores[anchor, label]
-        keep = batched_nms(box, score, label, self.hparams.nms_thresh)
+        keep = batched_nms(box, score, label, self.hparams.nms_thresh)[: self.hparams.detections_per_img]
         return box[keep], score[keep], label[keep]
 
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
@@ -217,9 +219,14 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
 
 class DetectionWriter(pl.callbacks.BasePredictionWriter):
     """Write ``predict``'s detections as a COCO-style results json (``detections.json``: file name,
-    category id, bbox x y w h, score) and images with the boxes drawn (``<stem>.jpg``) into ``output_dir``."""
+    category id, bbox x y w h, score) and images with the boxes drawn (``<stem>.jpg``) into ``output_dir``.
 
-    def __init__(self, output_dir: str = "predictions", score_threshold: float = 0.3) -> None:
+    Args:
+        output_dir: folder for ``detections.json`` and the drawings (created; files of the same name replaced).
+        score_threshold: smallest score of a box drawn (``detections.json`` holds every detection kept).
+    """
+
+    def __init__(self, output_dir: str = "outputs/detection/predictions", score_threshold: float = 0.3) -> None:
         super().__init__(write_interval="epoch")
         self.output_dir = output_dir
         self.score_threshold = score_threshold

@@ -145,7 +145,7 @@ class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Light
                 f"{name:<{width}}  {'   n/a' if value != value else f'{100 * value:6.2f}'}" for name, value in zip(names, iou.tolist())
             ]
             rows.append(f"{'mIoU':<{width}}  {100 * miou:6.2f}   pixel accuracy {100 * accuracy:.2f}")
-            print("\n".join(rows))
+            log.info("%s", "\n".join(rows))
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
@@ -214,9 +214,14 @@ class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Light
 
 class MaskWriter(pl.callbacks.BasePredictionWriter):
     """Write ``predict``'s label masks as palette PNGs (``<stem>.png``) and colour overlays
-    (``<stem>_overlay.jpg``) into ``output_dir``."""
+    (``<stem>_overlay.jpg``) into ``output_dir``.
 
-    def __init__(self, output_dir: str = "predictions", alpha: float = 0.5) -> None:
+    Args:
+        output_dir: folder for the masks and overlays (created; files of the same name replaced).
+        alpha: opacity of the class colours in the overlays.
+    """
+
+    def __init__(self, output_dir: str = "outputs/segmentation/predictions", alpha: float = 0.5) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.alpha = alpha
