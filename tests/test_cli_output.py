@@ -59,8 +59,12 @@ def test_classification_cli_names_what_it_writes(tmp_path, repository_root_uncha
     common = ["--config", str(CONFIGS / "classification.yaml"), f"--data.root={data}"]
     output = run_cli("classification", tmp_path, "fit", *common, "--trainer.default_root_dir=run")
     assert "last checkpoint:" in output and "SGD lr" in output
+    # a logger in the config (as in the shipped ones) gives predict no version_N/ folder: run_cli checks that
+    # every file written is named
     run_cli("classification", tmp_path, "predict", *common, "--ckpt_path=run/checkpoints/last.ckpt",
-            f"--data.predict_dir={data / 'val'}")
+            f"--data.predict_dir={data / 'val'}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir=logs")
+    assert not (tmp_path / "logs").exists()
     assert (tmp_path / "outputs" / "classification" / "predictions.csv").is_file()  # the default place
     output = run_cli("classification", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt")
     assert (tmp_path / "outputs" / "classification" / "exported" / "model.onnx").is_file()  # the default place

@@ -51,3 +51,34 @@ def test_segmentation_metrics_count_each_sample_once(tmp_path):
 def test_detection_metrics_count_each_sample_once(tmp_path):
     root = make_demo_coco(tmp_path / "coco", train_images=2, val_images=5)
     assert_same_metrics("detection", [f"--data.root={root}"], tmp_path)
+
+
+def predict_detections(workdir: Path, devices: int, root: Path) -> tuple[list[dict], str]:
+    """``python -m tasks.detection predict`` (untrained, seeded weights) on ``devices`` CPU processes:
+    ``detections.json`` and the output."""
+    strategy = ["--trainer.strategy=ddp"] if devices > 1 else []
+    command = [sys.executable, "-m", "tasks.detection", "predict", "--config", str(CONFIGS / "detection.yaml"),
+               f"--data.root={root}", f"--data.predict_dir={root / 'val2017'}", f"--trainer.devices={devices}", *strategy,
+               f"--predictions.output_dir={workdir}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}"
+    return json.loads((workdir / "detections.json").read_text()), result.stderr
+
+
+def test_detection_predict_writes_every_process_detections_once(tmp_path):
+    root = make_demo_coco(tmp_path / "coco", train_images=2, val_images=5)
+    single, _ = predict_detections(tmp_path / "one", 1, root)
+    double, output = predict_detections(tmp_path / "two", 2, root)
+    assert "for 5 images" in output
+    assert len({r["file_name"] for r in single}) == 5
+
+    def per_image(results: list[dict]) -> dict[str, list[float]]:
+        scores: dict[str, list[float]] = {}
+        for result in results:
+            scores.setdefault(result["file_name"], []).append(result["score"])
+        return {name: sorted(values) for name, values in scores.items()}
+
+    one, two = per_image(single), per_image(double)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert two[name] == pytest.approx(one[name], abs=1e-3), name  # batches of another size: rounding

@@ -17,6 +17,7 @@ from tasks.common.backbones import backbone_name, classifier_network
 from tasks.common.export import atomic_write
 from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
+from tasks.common.sampling import gather_on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +190,8 @@ class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):
         self.output = output
 
     def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any) -> None:
-        rows = [row for batch in predictions for row in batch]
-        if trainer.world_size > 1:
-            gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        if not trainer.is_global_zero:
+        rows = gather_on_rank_zero([row for batch in predictions for row in batch])
+        if rows is None:
             return
         k = max((len(row["top5"]) for row in rows), default=0)
         header = ["path"] + [f"{field}{i}" for i in range(1, k + 1) for field in ("class", "probability")]

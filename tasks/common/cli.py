@@ -251,6 +251,12 @@ class TaskCLI(LightningCLI):
         for action in parser._subcommands_action._choices_actions:
             action.help = SUBCOMMAND_HELP.get(action.dest, action.help)
 
+    def before_instantiate_classes(self) -> None:
+        """``predict`` logs no metrics: it gets no logger, so it leaves no ``version_N/`` folder
+        holding only ``hparams.yaml`` beside the training logs."""
+        if self.config.get("subcommand") == "predict":
+            self.config.predict.trainer.logger = False
+
     def after_fit(self) -> None:
         """Name the checkpoints the run left: the best with its metric, and the last."""
         for callback in self.trainer.checkpoint_callbacks:

@@ -65,6 +65,17 @@ def world_size_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
+def gather_on_rank_zero(items: list) -> list | None:
+    """Every process's ``items`` concatenated in rank order on rank 0, ``None`` on the other ranks
+    (a collective: every process must call it); ``items`` itself without distribution."""
+    world_size, rank = world_size_and_rank()
+    if world_size == 1:
+        return items
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part] if rank == 0 else None
+
+
 def training_position(trainer: pl.Trainer | None) -> tuple[int, int] | None:
     """``(epoch, batches already trained in it)`` of a fitting trainer, else ``None``.
 

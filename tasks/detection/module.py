@@ -21,6 +21,7 @@ from tasks.common.backbones import backbone_name
 from tasks.common.export import atomic_write
 from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
+from tasks.common.sampling import gather_on_rank_zero
 from tasks.detection.coco_eval import CocoEvaluation
 from tasks.detection.ssdlite import SSDRawOutputs, ssdlite_mobileone
 
@@ -252,8 +253,12 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=92)
             stem = Path(item["path"]).stem
             atomic_write(Path(self.output_dir) / f"{stem}.jpg", lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
+        # each process drew its own images; the results of all go into one file, written by rank 0
+        gathered = gather_on_rank_zero([(sum(len(batch) for batch in predictions), results)])
+        if gathered is None:
+            return
+        results = [result for _, part in gathered for result in part]
         content = json.dumps(results)
         atomic_write(Path(self.output_dir) / "detections.json", lambda p: Path(p).write_text(content))
-        images = sum(len(batch) for batch in predictions)
         log.info("wrote %d detections for %d images to %s (detections.json, drawn <stem>.jpg)",
-                 len(results), images, self.output_dir)
+                 len(results), sum(images for images, _ in gathered), self.output_dir)

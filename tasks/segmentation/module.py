@@ -20,6 +20,7 @@ from tasks.common.backbones import backbone_name
 from tasks.common.export import atomic_write
 from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps
+from tasks.common.sampling import gather_on_rank_zero
 from tasks.segmentation.data import voc_palette
 from tasks.segmentation.deeplabv3 import DeepLabV3, DeepLabV3Logits
 
@@ -231,7 +232,9 @@ class MaskWriter(pl.callbacks.BasePredictionWriter):
         self.written = 0
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log.info("wrote %d masks (<stem>.png) and overlays (<stem>_overlay.jpg) to %s", self.written, self.output_dir)
+        counts = gather_on_rank_zero([self.written])  # every process writes its own images
+        if counts is not None:
+            log.info("wrote %d masks (<stem>.png) and overlays (<stem>_overlay.jpg) to %s", sum(counts), self.output_dir)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         palette = voc_palette()
