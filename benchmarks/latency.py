@@ -30,6 +30,7 @@ import argparse
 import copy
 import csv
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,11 @@ def _convert(x: torch.Tensor, backend: Backend, device: str) -> object:
     return x.to(device=device, dtype=backend.dtype, memory_format=memory_format)
 
 
+def _progress(message: str) -> None:
+    """A progress line on stderr (the tables go to stdout)."""
+    print(f"[latency] {message}", file=sys.stderr, flush=True)
+
+
 def measure(
     variants: list[str],
     backends: list[str],
@@ -181,6 +187,7 @@ def measure(
     built = models(variants, unfused, peers)
     onnx_cache: dict[int, bytes] = {}
     runs = {(name, b): runner(model, b, device, compile_mode, onnx_cache) for name, model in built.items() for b in parsed}
+    _progress(f"{len(built)} models x {len(parsed)} backends prepared; timing batch sizes {list(batch_sizes)}, {rounds} rounds each")
     reference_model = f"mobileone_{variants[0]} (fused)"
     rows = []
     for batch in batch_sizes:
@@ -190,9 +197,11 @@ def measure(
             for _ in range(warmup):
                 run(inputs[backend])
         times: dict[tuple[str, Backend], list[float]] = {key: [] for key in runs}
-        for _ in range(rounds):
+        for round_index in range(rounds):
             for (name, backend), run in runs.items():
                 times[name, backend].append(time_ms(lambda: run(inputs[backend]), device))
+            if (round_index + 1) % 10 == 0 or round_index + 1 == rounds:
+                _progress(f"batch {batch}: round {round_index + 1}/{rounds}")
         for (name, backend), values in times.items():
             median, q1, q3 = median_and_quartiles(values)
             rows.append({
@@ -307,8 +316,10 @@ def main() -> None:
     print(markdown(rows, f"mobileone_{args.variants[0]} (fused)"))
     if args.csv:
         write_csv(rows, args.csv)
+        _progress(f"wrote {args.csv}")
     if args.plot:
         plot(rows, args.plot, Backend.parse(args.plot_backend or backends[0], args.device, args.threads).label, machine)
+        _progress(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,7 @@ def main() -> None:
     print(markdown(rows))
     if args.csv:
         write_csv(rows, args.csv)
+        print(f"[train_throughput] wrote {args.csv}", file=sys.stderr)
 
 
 if __name__ == "__main__":

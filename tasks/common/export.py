@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,7 @@ def export_network(
     Files and folders get the user's umask (e.g. 0644 / 0755 under umask 022).
     """
     check_replaceable(output_dir, is_export_file)  # fail before the conversions, not after
+    started = time.perf_counter()
     network = copy.deepcopy(network).eval().cpu().float()
     example_inputs = example_inputs.cpu().float()
     fused = fuse_for_deployment(network)
@@ -124,7 +126,8 @@ def export_network(
     if compared < MIN_AGREEMENT_COUNT:
         log.warning("fused vs unfused agreement not measured: %d predictions on %d images, fewer than %d",
                     compared, len(example_inputs), MIN_AGREEMENT_COUNT)
-    log.info("fused vs unfused relative error on %d images: %.3e", len(example_inputs), report["fused_vs_unfused_relative_error"])
+    log.info("reparameterized and compared with the trained model on %d images: relative error %.3e (%.1f s)",
+             len(example_inputs), report["fused_vs_unfused_relative_error"], _since(started))
     _check(report, "fused_vs_unfused_relative_error", tolerance, "the fused model differs from the trained one")
 
     # Convert and check every format first, write afterwards: a failed check leaves output_dir untouched.
@@ -132,23 +135,29 @@ def export_network(
         "weights": (FUSED_WEIGHTS, lambda p: torch.save(fused.state_dict(), p)),
     }
     if onnx:
+        started = time.perf_counter()
         onnx_bytes, report["onnx_vs_pytorch_relative_error"] = _onnx_export(
             fused, example_inputs, fused_output, dynamic_image_size
         )
-        log.info("onnxruntime vs PyTorch relative error: %.3e", report["onnx_vs_pytorch_relative_error"])
+        log.info("ONNX exported and run in onnxruntime: relative error %.3e vs PyTorch (%.1f s)",
+                 report["onnx_vs_pytorch_relative_error"], _since(started))
         _check(report, "onnx_vs_pytorch_relative_error", tolerance, "onnxruntime's output differs from PyTorch's")
         writers["onnx"] = (ONNX_FILE, lambda p: p.write_bytes(onnx_bytes))
     if torchscript:
+        started = time.perf_counter()
         traced = to_torchscript(fused, example_inputs, dynamic_image_size)
         with torch.no_grad():
             report["torchscript_vs_pytorch_relative_error"] = _worst_error(traced(example_inputs), fused_output)
-        log.info("TorchScript vs PyTorch relative error: %.3e", report["torchscript_vs_pytorch_relative_error"])
+        log.info("TorchScript traced and run: relative error %.3e vs PyTorch (%.1f s)",
+                 report["torchscript_vs_pytorch_relative_error"], _since(started))
         _check(report, "torchscript_vs_pytorch_relative_error", tolerance, "the TorchScript trace's output differs from PyTorch's")
         writers["torchscript"] = (TORCHSCRIPT_FILE, lambda p: traced.save(str(p)))
     if coreml:
+        started = time.perf_counter()
         mlmodel, report["coreml"] = _coreml_export(
             fused, example_inputs, metadata, coreml_precision, coreml_image_input, coreml_image_size, dynamic_image_size, output_names
         )
+        log.info("CoreML ML program converted (%s): ops %s (%.1f s)", coreml_precision, report["coreml"]["op_types"], _since(started))
         writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
     content = json.dumps({**metadata, **report, "files": sorted(name for name, _ in writers.values())}, indent=2)
     writers["metadata"] = (METADATA, lambda p: p.write_text(content + "\n"))  # last: its presence marks a complete export
@@ -165,6 +174,10 @@ def export_network(
     atomic_write_dir(output_dir, write, ours=is_export_file)
     files = {key: str(output_dir / name) for key, (name, _) in writers.items()}
     return {**report, "files": files}
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
 
 
 def _check(report: dict[str, Any], key: str, tolerance: float, what: str) -> None:
@@ -231,7 +244,6 @@ def _coreml_export(
         "op_types": sorted(coreml_op_types(mlmodel)),
         "checked": "structure only (conversion, names, shapes, no batch_norm): CoreML predicts on macOS only",
     }
-    log.info("CoreML ML program (%s, coremltools %s): ops %s", precision, coremltools.__version__, info["op_types"])
     return mlmodel, info
 
 
