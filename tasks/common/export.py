@@ -157,7 +157,7 @@ def export_network(
         mlmodel, report["coreml"] = _coreml_export(
             fused, example_inputs, metadata, coreml_precision, coreml_image_input, coreml_image_size, dynamic_image_size, output_names
         )
-        log.info("CoreML ML program converted (%s): ops %s (%.1f s)", coreml_precision, report["coreml"]["op_types"], _since(started))
+        log.info("CoreML ML program converted (%s): ops %s (%.1f s)", coreml_precision, report["coreml"].get("op_types"), _since(started))
         writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
     content = json.dumps({**metadata, **report, "files": sorted(name for name, _ in writers.values())}, indent=2)
     writers["metadata"] = (METADATA, lambda p: p.write_text(content + "\n"))  # last: its presence marks a complete export
