@@ -93,25 +93,52 @@ def test_segmentation_cli_names_what_it_writes(tmp_path, repository_root_unchang
     run_cli("segmentation", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt", "--output=exported")
 
 
-def test_log_lines_start_on_a_line_of_their_own_above_a_progress_bar():
-    """A result table logged while a tqdm bar is drawn (validation's) is not glued onto the bar's line."""
+def test_log_lines_start_on_a_line_of_their_own_above_a_progress_bar(monkeypatch):
+    """A result table logged while a progress bar is drawn (validation's) is not glued onto the
+    bar's line: with tqdm (Lightning's TQDMProgressBar) and with Rich (its default when rich is
+    installed), the handler being made before the bar starts, as the CLI makes it."""
     import io
     import logging
 
+    from rich.console import Console
+    from rich.progress import Progress
     from tqdm import tqdm
 
     from tasks.common.cli import _ProgressBarSafeHandler
 
+    def lines_logged_during(bar_context, stream) -> list[str]:
+        logger = logging.getLogger("tasks.test_progress_bar")
+        handler = _ProgressBarSafeHandler()  # follows sys.stderr
+        logger.addHandler(handler)
+        try:
+            with bar_context():
+                logger.warning("class  IoU\nmIoU  42.00")
+        finally:
+            logger.removeHandler(handler)
+        return [line.strip() for line in stream.getvalue().replace("\r", "\n").split("\n")]
+
     stream = io.StringIO()
-    handler = _ProgressBarSafeHandler(stream)
-    logger = logging.getLogger("tasks.test_progress_bar")
-    logger.addHandler(handler)
-    try:
-        with tqdm(total=10, file=stream, desc="Validation", ascii=True) as bar:
-            bar.update(3)
-            logger.warning("class  IoU\nmIoU  42.00")
-            bar.update(7)
-    finally:
-        logger.removeHandler(handler)
-    lines = stream.getvalue().replace("\r", "\n").split("\n")
-    assert "class  IoU" in lines and "mIoU  42.00" in lines
+    monkeypatch.setattr(sys, "stderr", stream)
+
+    def tqdm_bar():
+        bar = tqdm(total=10, file=stream, desc="Validation", ascii=True)
+        bar.update(3)
+        return bar
+
+    lines = lines_logged_during(tqdm_bar, stream)
+    assert "class  IoU" in lines and "mIoU  42.00" in lines, lines
+
+    # Rich swaps sys.stderr for a proxy while its bar runs: lines written there are printed by its
+    # console above the bar (the console's record holds them); lines written past it would not be
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    console = Console(file=stream, force_terminal=True, width=80, record=True)
+
+    def rich_bar():
+        progress = Progress(console=console, redirect_stderr=True)
+        progress.add_task("Validation", total=10, completed=3)
+        return progress
+
+    lines_logged_during(rich_bar, stream)
+    printed = console.export_text()  # what the console printed (the cursor moves that place it are left out)
+    assert "class  IoU" in printed and "mIoU  42.00" in printed, printed

@@ -173,11 +173,18 @@ class TaskTrainer(pl.Trainer):
 
 
 class _ProgressBarSafeHandler(logging.StreamHandler):
-    """Writes each record on lines of its own, above a running tqdm progress bar (``tqdm.write``)."""
+    """Writes each record on lines of its own above a running progress bar: through ``tqdm.write``
+    (which lifts tqdm's bars out of the way), into ``stream`` or else whatever ``sys.stderr`` is at
+    that moment, so that Rich's progress bar, which swaps ``sys.stderr`` for a proxy printing above
+    its live display while it runs, takes the lines too."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self.fixed_stream = stream
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=self.fixed_stream or sys.stderr)
         except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
             self.handleError(record)
 
@@ -204,7 +211,7 @@ def configure_cli_output() -> None:
     logger = logging.getLogger("tasks")
     if logger.handlers or logging.getLogger().handlers:
         return
-    handler = _ProgressBarSafeHandler(sys.stderr)
+    handler = _ProgressBarSafeHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(lambda record: rank_zero_only.rank == 0)
     logger.addHandler(handler)
