@@ -8,6 +8,8 @@ from backbones.hub import (
     WeightsIntegrityError,
     apple_weights_url,
     download_weights,
+    is_apple_weights,
+    is_named_weights,
     resolve_weights,
     weights_cache_dir,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "WeightsIntegrityError",
     "apple_weights_url",
     "download_weights",
+    "is_apple_weights",
+    "is_named_weights",
     "resolve_weights",
     "weights_cache_dir",
 ]

@@ -35,6 +35,8 @@ __all__ = [
     "WeightsIntegrityError",
     "apple_weights_url",
     "download_weights",
+    "is_apple_weights",
+    "is_named_weights",
     "resolve_weights",
     "weights_cache_dir",
 ]
@@ -290,6 +292,16 @@ def _hf_hub(spec: str, sha256: str | None) -> Path:
     return local
 
 
+def is_apple_weights(spec: object) -> bool:
+    """Whether a weights argument is ``"apple"`` (any case, surrounding spaces ignored)."""
+    return isinstance(spec, str) and spec.strip().lower() == "apple"
+
+
+def is_named_weights(spec: object) -> bool:
+    """Whether a weights argument names weights to fetch (``"apple"``, ``"hf-hub:..."``) rather than a path."""
+    return is_apple_weights(spec) or (isinstance(spec, str) and spec.startswith("hf-hub:"))
+
+
 def resolve_weights(
     spec: str | os.PathLike | None, variant: str, inference_mode: bool = False, sha256: str | None = None
 ) -> Path | None:
@@ -304,7 +316,7 @@ def resolve_weights(
     if spec is None:
         return None
     sha256 = _check_sha256(sha256)
-    if isinstance(spec, str) and spec.strip().lower() == "apple":
+    if is_apple_weights(spec):
         return download_weights(apple_weights_url(variant, inference_mode), sha256)
     if isinstance(spec, str) and spec.startswith("hf-hub:"):
         return _hf_hub(spec, sha256)

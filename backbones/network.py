@@ -454,9 +454,9 @@ def mobileone(
     spec = "apple" if pretrained else weights
     if spec is not None:
         from backbones.checkpoint import load_checkpoint  # checkpoint.py imports this module
-        from backbones.hub import resolve_weights
+        from backbones.hub import is_apple_weights, resolve_weights
 
-        apple = isinstance(spec, str) and spec.strip().lower() == "apple"
+        apple = is_apple_weights(spec)
         path = resolve_weights(spec, name, inference_mode=model.inference_mode, sha256=weights_sha256)
         # Apple's files hold a 1000-class ImageNet classifier: keep it only for a model that has one.
         ignore_classifier = True if apple and model.num_classes != 1000 else None

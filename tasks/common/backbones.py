@@ -27,7 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
-from backbones import FeatureInfo, load_checkpoint, mobileone, read_state_dict, resolve_weights
+from backbones import FeatureInfo, is_apple_weights, load_checkpoint, mobileone, read_state_dict, resolve_weights
 
 __all__ = ["BASELINE_BACKBONES", "TorchvisionFeatures", "backbone_name", "classifier_network", "feature_extractor",
            "resolve_backbone_weights"]
@@ -216,7 +216,7 @@ def resolve_backbone_weights(backbone: str, variant: str, weights: str | None) -
         return None
     if backbone == MOBILEONE:
         return str(resolve_weights(weights, variant))
-    if weights == "apple":
+    if is_apple_weights(weights):
         raise ValueError(f"weights 'apple' are Apple's MobileOne releases; {backbone} takes a local file")
     return weights
 

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from tqdm import tqdm
 
+from backbones import is_named_weights
 from tasks.common.export import export_network
 from tasks.common.module import task_name
 
@@ -300,7 +301,7 @@ class TaskCLI(LightningCLI):
         if ckpt_path:  # the checkpoint holds the weights: initial weights by name need no download (nor network)
             model = self.config[subcommand].get("model") or {}
             for key in ("weights", "backbone_weights"):
-                if key in model and isinstance(model[key], str) and (model[key] == "apple" or model[key].startswith("hf-hub:")):
+                if key in model and is_named_weights(model[key]):
                     model[key] = None
 
     @staticmethod
