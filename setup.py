@@ -25,6 +25,7 @@ setup(
         "dev": ["pytest>=7", "timm>=1.0", "matplotlib>=3.7"],  # the tests cover the benchmarks' optional peers and plot
         "bench": ["timm>=1.0", "matplotlib>=3.7"],  # timm's MobileOne as a peer; the latency plot
         "coreml": ["coremltools>=8.0"],  # backbones.export.to_coreml (conversion runs on Linux, prediction does not)
+        "executorch": ["executorch>=1.5"],  # backbones.runtimes: ExecuTorch programs (XNNPACK) and PT2E INT8 (brings torchao)
         "openmmlab": ["mmengine==0.10.7", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy>=6.1", "regex>=2023.6", "setuptools>=77.0.3,<81"],  # + mmcv 2.1.0 from scripts/install_openmmlab.sh; mmengine needs pkg_resources
     },
 )

@@ -12,7 +12,9 @@ import torch
 import yaml
 
 from backbones import mobileone, reparameterize_model
+from backbones.runtimes import ExecuTorchNetwork
 from backbones.testing import relative_error
+from deployment import needs_executorch, with_data_batchnorm
 from tasks.classification.__main__ import ClassificationCLI, main
 from tasks.classification.data import CorruptImageError, ImageFolderDataModule, make_demo_dataset
 from tasks.classification.module import ImageClassificationTask
@@ -256,3 +258,38 @@ def test_ema_weights_are_checkpointed_and_exported(image_root, tmp_path):
     expected = reparameterize_model(ema).state_dict()
     assert all(torch.allclose(exported[k], expected[k], rtol=1e-5, atol=1e-6) for k in expected)
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model_fused.pt"]
+
+
+@needs_executorch
+def test_export_to_int8_and_executorch_is_checked_on_the_validation_set(image_root, trained, tmp_path):
+    checkpoint = with_data_batchnorm(last_checkpoint(trained), ImageClassificationTask, lambda task: task.network, 32, tmp_path / "settled.ckpt")
+    out = tmp_path / "exported"
+    run("export", image_root, tmp_path, f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true", "--executorch=true",
+        "--calibration_images=12")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.int8.onnx", "model.int8.pte", "model.json", "model.onnx", "model.pte", "model_fused.pt"]
+    metadata = json.loads((out / "model.json").read_text())
+    sizes, deployed = metadata["file_bytes"], metadata["deployed"]
+    assert sizes["model.int8.onnx"] < 0.35 * sizes["model.onnx"] and sizes["model.int8.pte"] < 0.35 * sizes["model.pte"]
+    assert metadata["executorch_vs_pytorch_relative_error"] < 1e-5
+
+    # the fused model's metrics are those `validate` gives for the checkpoint
+    cli = ClassificationCLI(ImageClassificationTask, ImageFolderDataModule, args=[
+        "validate", "--config", CONFIG, "--data.root", str(image_root), "--trainer.default_root_dir", str(tmp_path),
+        f"--ckpt_path={checkpoint}"])
+    assert deployed["model_fused.pt"]["validation"]["val/acc1"] == pytest.approx(float(cli.trainer.callback_metrics["val/acc1"]))
+    assert deployed["model.pte"]["vs_float32"] == {"images": 15, "relative_error": pytest.approx(0, abs=1e-5), "agreement": 1.0,
+                                                   "agreement_count": 15}
+    assert deployed["model.pte"]["validation"]["val/acc1"] == deployed["model_fused.pt"]["validation"]["val/acc1"]
+    for name in ("model.int8.onnx", "model.int8.pte"):
+        assert deployed[name]["precision"] == "int8" and deployed[name]["vs_float32"]["images"] == 15
+        assert deployed[name]["vs_float32"]["relative_error"] < 0.2 and deployed[name]["vs_float32"]["agreement"] >= 0.8
+
+    # the files run on their own give what model.json says
+    task = ImageClassificationTask.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    data = ImageFolderDataModule(root=str(image_root), batch_size=4, num_workers=0, image_size=32, eval_resize=36, eval_image_size=32)
+    images = torch.cat(list(task.export_batches(data)))
+    with torch.no_grad():
+        expected = reparameterize_model(task.network)(images)
+    int8_pte = ExecuTorchNetwork((out / "model.int8.pte").read_bytes())(images)
+    assert relative_error(int8_pte, expected) == pytest.approx(deployed["model.int8.pte"]["vs_float32"]["relative_error"], rel=1e-3)

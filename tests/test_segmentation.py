@@ -13,7 +13,9 @@ import yaml
 from PIL import Image
 from torchvision import tv_tensors
 
+from backbones.runtimes import ExecuTorchNetwork
 from backbones.testing import relative_error
+from deployment import needs_executorch, with_data_batchnorm
 from tasks.segmentation.__main__ import main
 from tasks.segmentation.data import (
     ADE20K,
@@ -328,3 +330,27 @@ def test_head_learning_rate_and_poly_schedule(voc_root):
     factor = poly_schedule(total_steps=100, power=0.9, warmup_steps=10)
     assert factor(0) == pytest.approx(0.1) and factor(10) == 1.0 and factor(100) == 0.0
     assert factor(55) == pytest.approx(0.5**0.9)
+
+
+@needs_executorch
+def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, tmp_path):
+    checkpoint = with_data_batchnorm(trained, SemanticSegmentationTask, lambda task: task.model, 64, tmp_path / "settled.ckpt")
+    out = tmp_path / "exported"
+    run("export", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true",
+        "--executorch=true", "--calibration_images=6")
+    metadata = json.loads((out / "model.json").read_text())
+    deployed = metadata["deployed"]
+    assert metadata["executorch_vs_pytorch_relative_error"] < 1e-5
+    assert deployed["model.pte"]["vs_float32"]["agreement"] > 0.999
+    assert deployed["model.pte"]["validation"]["val/mIoU"] == pytest.approx(deployed["model_fused.pt"]["validation"]["val/mIoU"])
+    for name in ("model.int8.onnx", "model.int8.pte"):
+        comparison = deployed[name]["vs_float32"]
+        assert comparison["agreement_count"] == 3 * 64 * 64 and comparison["agreement"] >= 0.8 and comparison["relative_error"] < 0.4
+
+    task = SemanticSegmentationTask.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    x = torch.randn(2, 3, 80, 48)  # another size than the validation images
+    with torch.no_grad():
+        expected = task.model(x)["out"]
+    for name, bound in (("model.pte", 1e-4), ("model.int8.pte", 0.4)):  # XNNPACK sums in another order: 7e-5 measured
+        logits = ExecuTorchNetwork((out / name).read_bytes())(x)
+        assert logits.shape == (2, 4, 80, 48) and relative_error(logits, expected) < bound, name

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,8 +16,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.common.backbones import backbone_name, classifier_network
-from tasks.common.export import atomic_write
-from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
+from tasks.common.export import atomic_write, same_size_images
+from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin, replaced_submodule
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
 
@@ -142,21 +144,27 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
         log.info("SGD lr %.4g for a global batch of %d (%.4g per %d)", lr, global_batch, self.hparams.lr, self.hparams.reference_batch_size)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    # export (see tasks.common.cli.export_task)
+    # export (see tasks.common.export.export_task)
+    validation_metric = "val/acc1"
+
     def export_network(self) -> nn.Module:
         return self.network
 
-    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 32) -> torch.Tensor:
+    def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
+        """Batches of preprocessed images of the ``"validate"`` or the (augmented) ``"fit"`` split."""
         if datamodule is None:
-            raise ValueError("export checks the fused model on real validation images: it needs the data config")
-        datamodule.setup("validate")
-        images = []
-        for batch in datamodule.val_dataloader():
-            if batch is not None:
-                images.append(batch[0])
-            if sum(len(i) for i in images) >= count:
-                break
-        return torch.cat(images)[:count]
+            raise ValueError("export checks the fused model on real images: it needs the data config")
+        datamodule.setup(split)
+        for batch in datamodule.val_dataloader() if split == "validate" else datamodule.train_dataloader():
+            if batch is not None:  # None: every image of the batch was unreadable (skip_corrupt)
+                yield batch[0]
+
+    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 32) -> torch.Tensor:
+        return same_size_images(self.export_batches(datamodule), count)
+
+    def validating_with(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Validation runs ``network`` (images -> logits) instead of the trained classifier."""
+        return replaced_submodule(self, "network", network)
 
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         data = datamodule.hparams if datamodule is not None else {}

@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
+from tasks.common.export import export_task
+
 __all__ = ["CosineWeightDecay", "ExportOnFitEnd", "ProgressiveResolution", "TaskCheckpoint"]
 
 
@@ -150,6 +152,4 @@ class ExportOnFitEnd(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.interrupted:
-            from tasks.common.cli import export_task
-
-            export_task(pl_module, trainer.datamodule, self.output, self.onnx, self.torchscript, self.tolerance)
+            export_task(pl_module, trainer.datamodule, self.output, onnx=self.onnx, torchscript=self.torchscript, tolerance=self.tolerance)

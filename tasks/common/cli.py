@@ -19,10 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from tqdm import tqdm
 
 from backbones import is_named_weights
-from tasks.common.export import export_network
+from tasks.common.export import export_task
 from tasks.common.module import task_name
 
-__all__ = ["TaskCLI", "TaskTrainer", "export_task", "read_task_checkpoint"]
+__all__ = ["TaskCLI", "TaskTrainer", "read_task_checkpoint"]
 
 SUBCOMMAND_HELP = {
     "fit": "Train (and validate every epoch); resume with --ckpt_path last.",
@@ -73,48 +73,6 @@ def read_task_checkpoint(path: str | os.PathLike, module_class: type | None = No
     return checkpoint
 
 
-def export_task(
-    model: pl.LightningModule,
-    datamodule: pl.LightningDataModule | None,
-    output: str,
-    onnx: bool = True,
-    torchscript: bool = False,
-    tolerance: float = 1e-5,
-    coreml: bool = False,
-    coreml_precision: Literal["float16", "float32"] = "float16",
-    coreml_image_input: bool = False,
-    coreml_image_size: int | tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """Export ``model``'s network in inference form, checked on real validation inputs.
-
-    The task module provides ``export_network()``, ``export_inputs(datamodule)`` (a batch of
-    preprocessed validation images) and ``export_metadata(datamodule)`` (what a deployment needs:
-    classes, image size, normalization, ...), and may set ``export_dynamic_image_size`` to give
-    the ONNX file dynamic height and width, and ``export_agreement(fused, trained)`` to measure
-    how often the fused model's predictions match (default: equal argmax over dim 1), and
-    ``export_output_names`` (names of the network's outputs in the CoreML program).
-    """
-    inputs = model.export_inputs(datamodule)
-    result = export_network(
-        model.export_network(), inputs, output, model.export_metadata(datamodule), onnx, torchscript, tolerance,
-        dynamic_image_size=getattr(model, "export_dynamic_image_size", False),
-        agreement=getattr(model, "export_agreement", None),
-        coreml=coreml,
-        coreml_precision=coreml_precision,
-        coreml_image_input=coreml_image_input,
-        coreml_image_size=coreml_image_size,
-        output_names=getattr(model, "export_output_names", None),
-    )
-    lines = [f"exported to {output}:"]
-    lines += [f"  {name}: {path}" for name, path in sorted(result["files"].items())]
-    lines += [f"  {key}: {value:.3e}" for key, value in result.items() if key.endswith("relative_error")]
-    if result.get("fused_vs_unfused_agreement") is not None:
-        lines.append(f"  fused_vs_unfused_agreement: {result['fused_vs_unfused_agreement']:.6f}"
-                     f" ({result['fused_vs_unfused_agreement_count']} predictions)")
-    rank_zero_info("\n".join(lines))
-    return result
-
-
 def _task_folder(model_class: type) -> str:
     """``classification`` for ``tasks.classification.module.ImageClassificationTask``; the class
     name in lower case for a task defined elsewhere."""
@@ -138,11 +96,16 @@ class TaskTrainer(pl.Trainer):
         coreml_precision: Literal["float16", "float32"] = "float16",
         coreml_image_input: bool = False,
         coreml_image_size: int | tuple[int, int] | None = None,
+        int8: bool = False,
+        executorch: bool = False,
+        calibration_images: int = 256,
+        validation_batches: int | None = None,
     ) -> dict[str, Any]:
         """Reparameterize a checkpoint, check it numerically and write the deployable files.
 
-        Writes the inference-form weights, ``model.json`` and ONNX (and, on request, TorchScript
-        and CoreML), each checked against the trained model on real validation images.
+        Writes the inference-form weights, ``model.json`` and ONNX (and, on request, TorchScript,
+        CoreML, INT8 ONNX and ExecuTorch), each checked against the trained model on real
+        validation images.
 
         Args:
             model: the task module (its weights come from ``ckpt_path`` when given).
@@ -161,15 +124,25 @@ class TaskTrainer(pl.Trainer):
                 the model) instead of a normalized float32 tensor.
             coreml_image_size: the CoreML input's fixed size, ``S`` or ``[H, W]`` (default: the size of
                 the checked images; required for segmentation, whose other exports take any size).
+            int8: also write ``model.int8.onnx`` (onnxruntime static INT8 quantization, QDQ format,
+                per-channel weights) and, with ``executorch``, ``model.int8.pte``; both are
+                calibrated on ``calibration_images`` training images of the data config.
+            executorch: also write ``model.pte``, an ExecuTorch program for the XNNPACK delegate
+                (Android, iOS, Linux; needs ``pip install -e ".[executorch]"``).
+            calibration_images: how many training images (augmented as for training) INT8 calibration sees.
+            validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
+                fused model are run through the validation split and their metrics recorded in
+                ``model.json``; this limits that to the first batches (default: the whole split).
         """
         if ckpt_path is not None:
             model.load_state_dict(read_task_checkpoint(ckpt_path, type(model))["state_dict"])
         if output is None:
             output = os.path.join("outputs", _task_folder(type(model)), "exported")
         return export_task(
-            model, datamodule, output, onnx, torchscript, tolerance,
+            model, datamodule, output, onnx=onnx, torchscript=torchscript, tolerance=tolerance,
             coreml=coreml, coreml_precision=coreml_precision, coreml_image_input=coreml_image_input,
-            coreml_image_size=coreml_image_size,
+            coreml_image_size=coreml_image_size, int8=int8, executorch=executorch,
+            calibration_images=calibration_images, validation_batches=validation_batches,
         )
 
 

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from backbones.atomic import atomic_write_dir, atomic_write_file, check_replaceable
 from backbones.export import (
     coreml_op_types, fuse_for_deployment, output_tensors, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript,
 )
+from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, quantize_onnx, to_executorch
 from backbones.testing import relative_error
 
 log = logging.getLogger(__name__)
@@ -28,7 +32,12 @@ ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model_fused.torchscript.pt"
 COREML_FILE = "model.mlpackage"
 COREML_TARGET = "iOS16"  # minimum deployment target of model.mlpackage (macOS 13 and the like; iPhone 8 and newer)
-EXPORT_FILES = frozenset({FUSED_WEIGHTS, METADATA, ONNX_FILE, TORCHSCRIPT_FILE, COREML_FILE})
+ONNX_INT8_FILE = "model.int8.onnx"
+EXECUTORCH_FILE = "model.pte"
+EXECUTORCH_INT8_FILE = "model.int8.pte"
+EXPORT_FILES = frozenset(
+    {FUSED_WEIGHTS, METADATA, ONNX_FILE, TORCHSCRIPT_FILE, COREML_FILE, ONNX_INT8_FILE, EXECUTORCH_FILE, EXECUTORCH_INT8_FILE}
+)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -76,6 +85,13 @@ def export_network(
     coreml_image_input: bool = False,
     coreml_image_size: int | tuple[int, int] | None = None,
     output_names: list[str] | None = None,
+    int8: bool = False,
+    executorch: bool = False,
+    calibration: list[torch.Tensor] | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    metric: str | None = None,
+    quantized_modules: Sequence[str] | None = None,
+    deployment_agreement: Callable[[Any, Any], tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """Fuse ``network`` and write it to ``output_dir``; return what was written and the measured errors.
 
@@ -98,6 +114,21 @@ def export_network(
     TorchScript trace with PyTorch; any error above ``tolerance`` raises ``RuntimeError``, and a
     failed conversion its own error, before anything is written. CoreML is checked structurally
     only (no ``batch_norm`` op, expected inputs and outputs): it cannot run outside macOS.
+
+    Deployment files run on this machine (``backbones.runtimes``): ``int8`` adds ``model.int8.onnx``
+    (onnxruntime static QDQ quantization calibrated on ``calibration``, batches of real training
+    inputs); ``executorch`` adds ``model.pte`` (ExecuTorch, XNNPACK delegate, float32, checked
+    against ``tolerance`` like ONNX) and with ``int8`` also ``model.int8.pte`` (PT2E quantization
+    with the XNNPACK quantizer, same calibration). Each of these is run in its own runtime and
+    compared with the fused float32 model (``report["deployed"][<file>]["vs_float32"]``: relative
+    error of the outputs and the prediction agreement, from ``deployment_agreement`` when given
+    (a looser match than ``agreement``'s for INT8's moved scores), else as defined above). With ``evaluate`` (a
+    function that runs the task's validation with a given network in place of the trained one and
+    returns its metrics) the comparison covers the whole validation set and each file's metrics
+    are recorded next to those of the fused float32 model; otherwise it covers ``example_inputs``.
+    ``metric`` names the metric the log lines quote; ``quantized_modules`` (submodule names of
+    ``network``) restricts INT8 to those (default: the whole network). ``model.json`` also gives
+    every file's size.
 
     ``output_dir`` is written as one unit (``backbones.atomic.atomic_write_dir``): all files go to a
     hidden sibling folder ``.<name>.<random>.tmp``, are checked to be there, and that folder then
@@ -134,7 +165,8 @@ def export_network(
     writers: dict[str, tuple[str, Callable[[Path], object]]] = {
         "weights": (FUSED_WEIGHTS, lambda p: torch.save(fused.state_dict(), p)),
     }
-    if onnx:
+    onnx_bytes = None
+    if onnx or int8:
         started = time.perf_counter()
         onnx_bytes, report["onnx_vs_pytorch_relative_error"] = _onnx_export(
             fused, example_inputs, fused_output, dynamic_image_size
@@ -142,6 +174,7 @@ def export_network(
         log.info("ONNX exported and run in onnxruntime: relative error %.3e vs PyTorch (%.1f s)",
                  report["onnx_vs_pytorch_relative_error"], _since(started))
         _check(report, "onnx_vs_pytorch_relative_error", tolerance, "onnxruntime's output differs from PyTorch's")
+    if onnx:
         writers["onnx"] = (ONNX_FILE, lambda p: p.write_bytes(onnx_bytes))
     if torchscript:
         started = time.perf_counter()
@@ -159,8 +192,18 @@ def export_network(
         )
         log.info("CoreML ML program converted (%s): ops %s (%.1f s)", coreml_precision, report["coreml"].get("op_types"), _since(started))
         writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
-    content = json.dumps({**metadata, **report, "files": sorted(name for name, _ in writers.values())}, indent=2)
-    writers["metadata"] = (METADATA, lambda p: p.write_text(content + "\n"))  # last: its presence marks a complete export
+    deployed = _deployment_files(fused, example_inputs, fused_output, dynamic_image_size, tolerance, report, writers,
+                                 onnx_bytes if int8 else None, executorch, calibration, quantized_modules)
+    if deployed:
+        match = deployment_agreement or agreement or _argmax_agreement
+        report["deployed"] = _compare_deployed(fused, deployed, example_inputs, match, evaluate, metric)
+
+    def write_metadata(path: Path) -> None:  # last: its presence marks a complete export
+        names = sorted(name for name, _ in writers.values())
+        sizes = {name: _size(path.parent / name) for name in names if name != METADATA}
+        path.write_text(json.dumps({**metadata, **report, "files": names, "file_bytes": sizes}, indent=2) + "\n")
+
+    writers["metadata"] = (METADATA, write_metadata)
 
     def write(folder: Path) -> None:
         for name, write_one in writers.values():
@@ -178,6 +221,151 @@ def export_network(
 
 def _since(started: float) -> float:
     return time.perf_counter() - started
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of all files under a folder (an ``.mlpackage``)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _deployment_files(
+    fused: nn.Module,
+    example_inputs: torch.Tensor,
+    fused_output: Any,
+    dynamic_image_size: bool,
+    tolerance: float,
+    report: dict[str, Any],
+    writers: dict[str, tuple[str, Callable[[Path], object]]],
+    onnx_bytes_to_quantize: bytes | None,
+    executorch: bool,
+    calibration: list[torch.Tensor] | None,
+    quantized_modules: Sequence[str] | None,
+) -> dict[str, nn.Module]:
+    """Build the INT8 ONNX and ExecuTorch files asked for, add their writers, and return a module
+    running each (by file name)."""
+    quantize = onnx_bytes_to_quantize is not None
+    if quantize and not calibration:
+        raise ValueError("INT8 quantization needs calibration images (batches of real training inputs); none were given")
+    files: dict[str, bytes] = {}
+    deployed: dict[str, nn.Module] = {}
+    if quantize:
+        started = time.perf_counter()
+        files[ONNX_INT8_FILE] = quantize_onnx(onnx_bytes_to_quantize, calibration, modules=quantized_modules)
+        deployed[ONNX_INT8_FILE] = OnnxRuntimeNetwork(files[ONNX_INT8_FILE])
+        log.info("INT8 ONNX quantized (static QDQ, calibrated on %d images) (%.1f s)", _count(calibration), _since(started))
+    if executorch:
+        started = time.perf_counter()
+        files[EXECUTORCH_FILE] = to_executorch(fused, example_inputs, dynamic_image_size)
+        deployed[EXECUTORCH_FILE] = ExecuTorchNetwork(files[EXECUTORCH_FILE])
+        with torch.no_grad():
+            report["executorch_vs_pytorch_relative_error"] = _worst_error(deployed[EXECUTORCH_FILE](example_inputs), fused_output)
+        log.info("ExecuTorch program (XNNPACK) lowered and run: relative error %.3e vs PyTorch (%.1f s)",
+                 report["executorch_vs_pytorch_relative_error"], _since(started))
+        _check(report, "executorch_vs_pytorch_relative_error", tolerance, "the ExecuTorch program's output differs from PyTorch's")
+        if quantize:
+            started = time.perf_counter()
+            files[EXECUTORCH_INT8_FILE] = to_executorch(fused, example_inputs, dynamic_image_size, calibration, modules=quantized_modules)
+            deployed[EXECUTORCH_INT8_FILE] = ExecuTorchNetwork(files[EXECUTORCH_INT8_FILE])
+            log.info("INT8 ExecuTorch program (PT2E, XNNPACK) quantized and lowered (%.1f s)", _since(started))
+    for name, content in files.items():
+        writers[name] = (name, lambda p, content=content: p.write_bytes(content))
+    return deployed
+
+
+def _count(batches: Iterable[torch.Tensor]) -> int:
+    return sum(len(batch) for batch in batches)
+
+
+class _ComparedWithReference(nn.Module):
+    """Runs ``candidate`` and, on the same inputs, ``reference``; returns the candidate's outputs
+    and accumulates how the two differ (``summary()``)."""
+
+    def __init__(self, candidate: nn.Module, reference: nn.Module, agreement: Callable[[Any, Any], tuple[int, int]]) -> None:
+        super().__init__()
+        self.candidate, self.reference, self.agreement = candidate, reference, agreement
+        self.images = self.matched = self.compared = 0
+        self.squared_errors: list[float] = []
+        self.squared_norms: list[float] = []
+
+    def forward(self, images: torch.Tensor) -> Any:
+        with torch.no_grad():
+            output, expected = self.candidate(images), self.reference(images)
+        matched, compared = self.agreement(output, expected)
+        self.images += len(images)
+        self.matched += matched
+        self.compared += compared
+        pairs = list(zip(output_tensors(output), output_tensors(expected)))
+        if not self.squared_errors:
+            self.squared_errors, self.squared_norms = [0.0] * len(pairs), [0.0] * len(pairs)
+        for index, (actual, reference) in enumerate(pairs):
+            self.squared_errors[index] += float((actual.double() - reference.double()).square().sum())
+            self.squared_norms[index] += float(reference.double().square().sum())
+        return output
+
+    def summary(self) -> dict[str, Any]:
+        errors = [(e / n) ** 0.5 if n > 0 else float("nan") for e, n in zip(self.squared_errors, self.squared_norms)]
+        return {
+            "images": self.images,
+            "relative_error": max(errors, default=float("nan")),
+            "agreement": self.matched / self.compared if self.compared >= MIN_AGREEMENT_COUNT else None,
+            "agreement_count": self.compared,
+        }
+
+
+def _runtime(name: str) -> str:
+    if name.endswith(".pte"):
+        from importlib.metadata import version
+
+        return f"ExecuTorch {version('executorch')} (XNNPACK)"
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def _compare_deployed(
+    fused: nn.Module,
+    deployed: dict[str, nn.Module],
+    example_inputs: torch.Tensor,
+    agreement: Callable[[Any, Any], tuple[int, int]],
+    evaluate: Callable[[nn.Module], dict[str, float]] | None,
+    metric: str | None,
+) -> dict[str, dict[str, Any]]:
+    """Each deployed file against the fused float32 model: on the validation set with its metrics
+    when ``evaluate`` is given, else on ``example_inputs``."""
+    records: dict[str, dict[str, Any]] = {}
+    reference_metric = None
+    if evaluate is not None:
+        started = time.perf_counter()
+        records[FUSED_WEIGHTS] = {"precision": "float32", "runtime": f"PyTorch {torch.__version__}", "validation": evaluate(fused)}
+        reference_metric = records[FUSED_WEIGHTS]["validation"].get(metric)
+        log.info("%s (float32, PyTorch) validated: %s %s (%.1f s)", FUSED_WEIGHTS, metric, _format(reference_metric), _since(started))
+    for name, runner in deployed.items():
+        started = time.perf_counter()
+        compared = _ComparedWithReference(runner, fused, agreement)
+        if evaluate is not None:
+            validation = evaluate(compared)
+        else:
+            validation = None
+            compared(example_inputs)
+        summary = compared.summary()
+        precision = "int8" if ".int8." in name else "float32"
+        records[name] = {"precision": precision, "runtime": _runtime(name), "vs_float32": summary, "validation": validation}
+        value = (validation or {}).get(metric)
+        suffix = f"; {metric} {_format(value)} (float32 {_format(reference_metric)})" if validation is not None else ""
+        log.info("%s (%s, %s) on %d images: agrees with float32 on %s of %d predictions, relative error %.3e%s (%.1f s)",
+                 name, precision, records[name]["runtime"], summary["images"], _percent(summary["agreement"]),
+                 summary["agreement_count"], summary["relative_error"], suffix, _since(started))
+    return records
+
+
+def _format(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def _check(report: dict[str, Any], key: str, tolerance: float, what: str) -> None:
@@ -256,3 +444,148 @@ def _onnx_export(
     session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
     actual = session.run(None, {session.get_inputs()[0].name: example_inputs.numpy()})
     return content, _worst_error([torch.from_numpy(a) for a in actual], expected)
+
+
+def first_images(batches: Iterable[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """The first ``count`` images of ``batches`` (fewer if they run out), as the batches they came in."""
+    taken: list[torch.Tensor] = []
+    for batch in batches:
+        if count - _count(taken) <= 0:
+            break
+        taken.append(batch[: count - _count(taken)])
+    return taken
+
+
+def same_size_images(batches: Iterable[torch.Tensor], count: int) -> torch.Tensor:
+    """The first ``count`` images of ``batches`` that have the first one's size, as one batch."""
+    taken: list[torch.Tensor] = []
+    for batch in batches:
+        if taken and batch.shape[1:] != taken[0].shape[1:]:
+            continue
+        taken.append(batch)
+        if _count(taken) >= count:
+            break
+    if not taken:
+        raise ValueError("no images to check the export on: the validation split is empty")
+    return torch.cat(taken)[:count]
+
+
+@contextlib.contextmanager
+def _quiet_trainer_setup() -> Iterator[None]:
+    """Hold back the lines a Trainer logs when built and started ("GPU available: ...", "LOCAL_RANK ...")."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _result_tables_held_back() -> Iterator[None]:
+    """Hold back the tasks' INFO lines (the per-class / COCO tables ``validate`` prints): the
+    export logs one line per evaluated file instead, and ``model.json`` keeps every metric."""
+    tasks_log = logging.getLogger("tasks")
+    level = tasks_log.level
+    tasks_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        tasks_log.setLevel(level)
+
+
+def validation_metrics(
+    model: pl.LightningModule, datamodule: pl.LightningDataModule, network: nn.Module, limit_batches: int | None = None
+) -> dict[str, float]:
+    """The task's validation metrics when ``network`` (the export form: preprocessed images in,
+    the exported outputs out) runs in place of the trained network (``model.validating_with``),
+    on CPU, on the whole validation split or its first ``limit_batches`` batches."""
+    attached = model._trainer, datamodule.trainer
+    try:
+        with _quiet_trainer_setup(), _result_tables_held_back(), model.validating_with(network):
+            evaluator = pl.Trainer(
+                accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, limit_val_batches=limit_batches or 1.0,
+            )
+            (metrics,) = evaluator.validate(model, datamodule=datamodule, verbose=False)
+    finally:
+        model.trainer, datamodule.trainer = attached
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def export_task(
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule | None,
+    output: str,
+    *,
+    onnx: bool = True,
+    torchscript: bool = False,
+    tolerance: float = 1e-5,
+    coreml: bool = False,
+    coreml_precision: Literal["float16", "float32"] = "float16",
+    coreml_image_input: bool = False,
+    coreml_image_size: int | tuple[int, int] | None = None,
+    int8: bool = False,
+    executorch: bool = False,
+    calibration_images: int = 256,
+    validation_batches: int | None = None,
+) -> dict[str, Any]:
+    """Export ``model``'s network in inference form, checked on real validation inputs (see
+    ``TaskTrainer.export`` for the options).
+
+    The task module provides ``export_network()``, ``export_batches(datamodule, split)`` (batches
+    of preprocessed images of the ``"validate"`` or the ``"fit"`` split, as the exported network
+    takes them), ``export_inputs(datamodule)`` (a batch of those of the validation split),
+    ``export_metadata(datamodule)`` (what a deployment needs: classes, image size,
+    normalization, ...), ``validating_with(network)`` (a context in which validation runs
+    ``network`` instead of the trained model) and ``validation_metric`` (the metric to quote);
+    it may set ``export_dynamic_image_size`` to give the ONNX and ExecuTorch files dynamic height
+    and width, ``export_quantized_modules`` to quantize only those submodules of the exported network,
+    ``export_agreement(fused, trained)`` to measure how often two models' predictions match
+    (default: equal argmax over dim 1) and ``deployment_agreement(deployed, fused)`` to compare
+    a deployed file's predictions (default: ``export_agreement``).
+    """
+    inputs = model.export_inputs(datamodule)
+    calibration = None
+    if int8:
+        if calibration_images < 1:
+            raise ValueError(f"calibration_images={calibration_images}: INT8 quantization needs at least one calibration image")
+        started = time.perf_counter()
+        calibration = first_images(model.export_batches(datamodule, "fit"), calibration_images)
+        log.info("read %d training images for INT8 calibration (%.1f s)", _count(calibration), _since(started))
+    evaluate = None
+    if int8 or executorch:
+        def evaluate(network: nn.Module) -> dict[str, float]:
+            return validation_metrics(model, datamodule, network, validation_batches)
+
+    result = export_network(
+        model.export_network(), inputs, output, model.export_metadata(datamodule), onnx, torchscript, tolerance,
+        dynamic_image_size=getattr(model, "export_dynamic_image_size", False),
+        agreement=getattr(model, "export_agreement", None),
+        coreml=coreml,
+        coreml_precision=coreml_precision,
+        coreml_image_input=coreml_image_input,
+        coreml_image_size=coreml_image_size,
+        int8=int8,
+        executorch=executorch,
+        calibration=calibration,
+        evaluate=evaluate,
+        metric=model.validation_metric,
+        quantized_modules=getattr(model, "export_quantized_modules", None),
+        deployment_agreement=getattr(model, "deployment_agreement", None),
+    )
+    lines = [f"exported to {output}:"]
+    lines += [f"  {name}: {path}" for name, path in sorted(result["files"].items())]
+    lines += [f"  {key}: {value:.3e}" for key, value in result.items() if key.endswith("relative_error")]
+    if result.get("fused_vs_unfused_agreement") is not None:
+        lines.append(f"  fused_vs_unfused_agreement: {result['fused_vs_unfused_agreement']:.6f}"
+                     f" ({result['fused_vs_unfused_agreement_count']} predictions)")
+    for name, record in result.get("deployed", {}).items():
+        value = (record.get("validation") or {}).get(model.validation_metric)
+        if value is not None:
+            lines.append(f"  {name}: {model.validation_metric} {value:.4f}")
+    rank_zero_info("\n".join(lines))
+    return result

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from tasks.common.sampling import world_size_and_rank
 
@@ -96,3 +99,14 @@ class CheckpointStateMixin:
         if self._random_states_to_restore is not None:
             _set_random_states(self._random_states_to_restore)
             self._random_states_to_restore = None
+
+
+@contextlib.contextmanager
+def replaced_submodule(module: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
+    """Inside the context ``module.<name>`` is ``replacement``; the original comes back afterwards."""
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)

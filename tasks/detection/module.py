@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,8 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.utils import draw_bounding_boxes
 
 from tasks.common.backbones import backbone_name
-from tasks.common.export import atomic_write
-from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
+from tasks.common.export import atomic_write, same_size_images
+from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin, replaced_submodule
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
 from tasks.detection.coco_eval import CocoEvaluation
@@ -43,6 +45,7 @@ COCO_SUMMARY = (
 )
 LOGGED = {"map": "mAP", "map_50": "mAP_50", "map_75": "mAP_75", "map_small": "mAP_small", "map_medium": "mAP_medium", "map_large": "mAP_large"}
 SIZE_KEYS = ("map_small", "map_medium", "map_large")
+TOPK_CANDIDATES = 1000  # best anchors per class kept before NMS (torchvision's SSD default)
 
 
 def coco_table(results: dict[str, torch.Tensor]) -> str:
@@ -159,24 +162,36 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
         log.info("SGD lr %.4g for a global batch of %d", lr, global_batch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    # export (see tasks.common.cli.export_task)
+    # export (see tasks.common.export.export_task)
+    validation_metric = "val/mAP"
+    # INT8 covers SSDRawOutputs' backbone, neck and head; box decoding and softmax stay float32
+    # (in XNNPACK, an INT8 decoding fails to compile; in onnxruntime it costs box precision)
+    export_quantized_modules = ("features", "head")
+
     def export_network(self) -> nn.Module:
         return SSDRawOutputs(self.model, self.hparams.image_size)
 
-    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 8) -> torch.Tensor:
+    def export_form(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Images (RGB in [0, 1], any sizes) as the exported network takes them."""
+        return export_form(images, self.hparams.image_size, self.model.transform.image_mean, self.model.transform.image_std)
+
+    def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
+        """Batches of the ``"validate"`` or the (augmented) ``"fit"`` split in ``export_form``."""
         if datamodule is None:
-            raise ValueError("export checks the fused model on real validation images: it needs the data config")
-        datamodule.setup("validate")
-        images: list[torch.Tensor] = []
-        for batch_images, _ in datamodule.val_dataloader():
-            images.extend(batch_images)
-            if len(images) >= count:
-                break
-        size = (self.hparams.image_size, self.hparams.image_size)
-        mean = torch.tensor(self.model.transform.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.model.transform.image_std).view(3, 1, 1)
-        resized = [F.interpolate(i[None], size=size, mode="bilinear", align_corners=False)[0] for i in images[:count]]
-        return torch.stack([(i - mean) / std for i in resized])
+            raise ValueError("export checks the fused model on real images: it needs the data config")
+        datamodule.setup(split)
+        for images, _ in datamodule.val_dataloader() if split == "validate" else datamodule.train_dataloader():
+            yield self.export_form(images)
+
+    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 8) -> torch.Tensor:
+        return same_size_images(self.export_batches(datamodule), count)
+
+    def validating_with(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Validation runs ``network`` (``SSDRawOutputs``' inputs and outputs) followed by the
+        post-processing ``export_metadata`` documents, instead of the trained SSD."""
+        deployed = DeployedDetector(network, self._postprocess, self.hparams.image_size, self.hparams.score_thresh,
+                                    self.model.transform.image_mean, self.model.transform.image_std)
+        return replaced_submodule(self, "model", deployed)
 
     def export_agreement(self, fused: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
         """(detections of the trained model that the fused model reproduces, detections of the
@@ -193,10 +208,35 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
                 matched += int(same.any(1).sum())
         return matched, total
 
+    def deployment_agreement(self, deployed: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
+        """(detections of the float32 model that a deployed file finds too, detections of the
+        float32 model): both post-processed as ``predict`` keeps them; found = a detection of the
+        same class at box IoU >= 0.5 (COCO's match criterion). Scores are not compared: an INT8
+        file moves them by more than ``export_agreement``'s 1e-3."""
+        matched = total = 0
+        for (boxes_d, scores_d), (boxes_r, scores_r) in zip(zip(*deployed), zip(*reference)):
+            kept_d = self._postprocess(boxes_d, scores_d, self.hparams.score_thresh)
+            kept_r = self._postprocess(boxes_r, scores_r, self.hparams.score_thresh)
+            total += len(kept_r[0])
+            if len(kept_r[0]) and len(kept_d[0]):
+                same = (kept_r[2][:, None] == kept_d[2][None]) & (box_iou(kept_r[0], kept_d[0]) >= 0.5)
+                matched += int(same.any(1).sum())
+        return matched, total
+
     def _postprocess(self, boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
-        anchor, label = (scores[:, 1:] >= threshold).nonzero(as_tuple=True)
-        label = label + 1
-        box, score = boxes[anchor], scores[anchor, label]
+        """torchvision's SSD post-processing of one image's decoded ``boxes`` and ``scores``: boxes
+        clipped to the input; per class c >= 1 the anchors scoring above ``threshold``, at most
+        the 1000 best; NMS per class; the ``detections_per_img`` best. Returns boxes, scores, labels."""
+        boxes = boxes.clamp(min=0, max=self.hparams.image_size)
+        kept_boxes, kept_scores, kept_labels = [], [], []
+        for label in range(1, scores.shape[1]):
+            score = scores[:, label]
+            above = (score > threshold).nonzero(as_tuple=True)[0]
+            score, best = score[above].topk(min(TOPK_CANDIDATES, len(above)))
+            kept_boxes.append(boxes[above[best]])
+            kept_scores.append(score)
+            kept_labels.append(torch.full_like(best, label))
+        box, score, label = torch.cat(kept_boxes), torch.cat(kept_scores), torch.cat(kept_labels)
         keep = batched_nms(box, score, label, self.hparams.nms_thresh)[: self.hparams.detections_per_img]
         return box[keep], score[keep], label[keep]
 
@@ -212,10 +252,49 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
             "input": f"images: float32 (N, 3, {self.hparams.image_size}, {self.hparams.image_size}): the image resized "
             "(bilinear) to that size, RGB scaled to [0, 1], then (x - mean) / std",
             "outputs": "boxes: (N, A, 4) x1 y1 x2 y2 in input pixels; scores: (N, A, num_classes) softmax, column 0 = background",
-            "post_processing": f"per class c >= 1: keep anchors with score >= {self.hparams.score_thresh}, at most 1000 per class, "
-            f"NMS at IoU {self.hparams.nms_thresh}; keep the {self.hparams.detections_per_img} best over all classes; "
+            "post_processing": f"clip boxes to [0, {self.hparams.image_size}]; per class c >= 1: keep anchors with score > "
+            f"{self.hparams.score_thresh}, at most the {TOPK_CANDIDATES} best per class, NMS per class at IoU {self.hparams.nms_thresh}; "
+            f"keep the {self.hparams.detections_per_img} best over all classes; "
             "scale boxes by (original width / image_size, original height / image_size)",
         }
+
+
+def export_form(images: list[torch.Tensor], image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Images (RGB in [0, 1], any sizes) as the exported network takes them: each resized
+    (bilinear) to ``image_size`` squared and normalized with ``mean`` / ``std``, as one batch."""
+    mean_, std_ = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    resized = [F.interpolate(i[None].cpu(), size=(image_size, image_size), mode="bilinear", align_corners=False)[0] for i in images]
+    return torch.stack([(i - mean_) / std_ for i in resized])
+
+
+class DeployedDetector(nn.Module):
+    """A detector as a deployment runs the exported network: ``export_form`` -> ``network``
+    (decoded boxes and class probabilities, as ``SSDRawOutputs``) -> ``postprocess(boxes, scores,
+    score_thresh)`` (score threshold, per-class NMS, top-k) -> boxes scaled back to each original
+    image. Answers like torchvision's SSD in evaluation (a list of ``boxes`` / ``scores`` / ``labels`` dicts)."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        postprocess: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, ...]],
+        image_size: int,
+        score_thresh: float,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.network, self.postprocess = network, postprocess
+        self.image_size, self.score_thresh, self.mean, self.std = image_size, score_thresh, mean, std
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> list[dict[str, torch.Tensor]]:
+        boxes, scores = self.network(export_form(images, self.image_size, self.mean, self.std))
+        detections = []
+        for image, image_boxes, image_scores in zip(images, boxes, scores):
+            kept_boxes, kept_scores, labels = self.postprocess(image_boxes, image_scores, self.score_thresh)
+            height, width = image.shape[-2:]
+            scale = torch.tensor([width, height, width, height], dtype=kept_boxes.dtype) / self.image_size
+            detections.append({"boxes": kept_boxes * scale, "scores": kept_scores, "labels": labels})
+        return detections
 
 
 class DetectionWriter(pl.callbacks.BasePredictionWriter):

@@ -82,3 +82,15 @@ class DeepLabV3Logits(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)["out"]
+
+
+class LogitsAsDeepLabV3Outputs(nn.Module):
+    """The other way round: a deployed function (images -> logits) answering like ``DeepLabV3``
+    in evaluation (``{"out": logits}``), so that validation can run an exported file."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.network(images)}

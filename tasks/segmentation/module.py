@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tasks.common.backbones import backbone_name
-from tasks.common.export import atomic_write
-from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin
+from tasks.common.export import atomic_write, same_size_images
+from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin, replaced_submodule
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps
 from tasks.common.sampling import gather_on_rank_zero
 from tasks.segmentation.data import voc_palette
-from tasks.segmentation.deeplabv3 import DeepLabV3, DeepLabV3Logits
+from tasks.segmentation.deeplabv3 import DeepLabV3, DeepLabV3Logits, LogitsAsDeepLabV3Outputs
 
 log = logging.getLogger(__name__)
 
@@ -179,24 +181,28 @@ class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Light
         log.info("SGD: backbone lr %.4g, heads %.4g, global batch %d", lr, lr * self.hparams.head_lr_multiplier, global_batch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    # export (see tasks.common.cli.export_task)
+    # export (see tasks.common.export.export_task)
+    validation_metric = "val/mIoU"
+
     def export_network(self) -> nn.Module:
         model = copy.deepcopy(self.model)
         model.aux_head = None
         return DeepLabV3Logits(model)
 
-    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 4) -> torch.Tensor:
+    def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
+        """Batches of preprocessed images of the ``"validate"`` split or the (augmented, cropped) ``"fit"`` split."""
         if datamodule is None:
-            raise ValueError("export checks the fused model on real validation images: it needs the data config")
-        datamodule.setup("validate")
-        images: list[torch.Tensor] = []
-        for batch_images, _ in datamodule.val_dataloader():
-            if images and batch_images.shape[-2:] != images[0].shape[-2:]:
-                continue  # keep one image size: the check runs them as one batch
-            images.extend(batch_images)
-            if len(images) >= count:
-                break
-        return torch.stack(images[:count])
+            raise ValueError("export checks the fused model on real images: it needs the data config")
+        datamodule.setup(split)
+        for images, _ in datamodule.val_dataloader() if split == "validate" else datamodule.train_dataloader():
+            yield images
+
+    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 4) -> torch.Tensor:
+        return same_size_images(self.export_batches(datamodule), count)
+
+    def validating_with(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Validation runs ``network`` (images -> logits) instead of the trained DeepLabV3."""
+        return replaced_submodule(self, "model", LogitsAsDeepLabV3Outputs(network))
 
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         return {

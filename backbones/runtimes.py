@@ -1,0 +1,306 @@
+"""INT8 and ExecuTorch deployment of fused networks, and modules that run the deployed files.
+
+- ``quantize_onnx``: post-training static INT8 quantization of an ONNX file (onnxruntime's QDQ
+  format, per-channel symmetric int8 weights, int8 activations), calibrated on real inputs.
+- ``to_executorch``: an ExecuTorch program (``.pte``) lowered to the XNNPACK delegate, in float32
+  or INT8 (PT2E quantization with the XNNPACK quantizer, calibrated on real inputs).
+- ``OnnxRuntimeNetwork`` / ``ExecuTorchNetwork``: ``nn.Module`` wrappers that run such a file
+  (from its bytes) on CPU, so that a deployed file is evaluated exactly like the PyTorch model.
+
+Needs only torch to import; ``onnxruntime`` is imported for the ONNX functions, ``executorch``
+(optional extra ``[executorch]``, which brings ``torchao``) for the ExecuTorch ones.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "ExecuTorchNetwork",
+    "OnnxRuntimeNetwork",
+    "executorch_available",
+    "quantize_onnx",
+    "to_executorch",
+]
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def _inputs(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    for batch in batches:
+        yield batch.detach().cpu().float().contiguous()
+
+
+def _nodes_outside(onnx_bytes: bytes, modules: Sequence[str]) -> list[str]:
+    """Names of the ONNX nodes that torch.onnx's exporter did not record as inside one of
+    ``modules`` (submodule names of the exported model, e.g. ``"features"``)."""
+    import onnx
+
+    outside = []
+    for node in onnx.load_from_string(onnx_bytes).graph.node:
+        scopes = {prop.key: prop.value for prop in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
+        if scopes is None or not set(ast.literal_eval(scopes)) & set(modules):
+            outside.append(node.name)
+    return outside
+
+
+def quantize_onnx(
+    onnx_bytes: bytes,
+    calibration: Iterable[torch.Tensor],
+    method: str = "minmax",
+    modules: Sequence[str] | None = None,
+    input_name: str = "images",
+) -> bytes:
+    """INT8 copy of a float32 ONNX file, calibrated on ``calibration`` (batches of real inputs,
+    preprocessed as for inference); returns the new file's bytes.
+
+    onnxruntime's static quantization in QDQ format: weights int8 symmetric per output channel,
+    activations int8 with ranges from ``method`` (``"minmax"``, ``"percentile"`` (99.999%) or
+    ``"entropy"``). The graph is first run through onnxruntime's pre-processing (graph
+    optimization). With ``modules`` (names of submodules of the model that ``torch.onnx.export``
+    exported) only their nodes are quantized; the rest (e.g. a detector's box decoding) stays
+    float32.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        raise ValueError(f"calibration method {method!r}: expected one of {CALIBRATION_METHODS}")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = _inputs(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: batch.numpy()}
+
+    with tempfile.TemporaryDirectory() as scratch:
+        source, prepared, target = (os.path.join(scratch, name) for name in ("float.onnx", "prepared.onnx", "int8.onnx"))
+        Path(source).write_bytes(onnx_bytes)
+        quant_pre_process(source, prepared, skip_symbolic_shape=True)  # symbolic inference fails on dynamic-size Resize
+        quantize_static(
+            prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+            nodes_to_exclude=_nodes_outside(onnx_bytes, modules) if modules else [],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+        return Path(target).read_bytes()
+
+
+def executorch_available() -> bool:
+    """Whether the optional ``executorch`` package is installed."""
+    try:
+        with _contained_logging():
+            import executorch.exir  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _contained_logging() -> Iterator[None]:
+    """Use ExecuTorch / torchao without their side effects on logging: torchao logs a warning
+    about torch.compile through torch's pytree logger at import, and ExecuTorch's modules call
+    ``logging.basicConfig()`` when imported (some lazily, while lowering), which would print every
+    later log record of the program a second time. The root logger's handlers and level are
+    restored afterwards, and ExecuTorch's own deprecation / experimental-API warnings are not shown."""
+    pytree_log, root = logging.getLogger("torch.utils._pytree"), logging.getLogger()
+    pytree_level, root_level, root_handlers = pytree_log.level, root.level, list(root.handlers)
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # ExecuTorch 1.5 reads its resources with importlib's legacy API and flags its Python runtime as experimental
+            warnings.filterwarnings("ignore", message=r"(read_text|open_text|read_binary) is deprecated", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="This API is experimental")
+            yield
+    finally:
+        pytree_log.setLevel(pytree_level)
+        root.setLevel(root_level)
+        for handler in [h for h in root.handlers if h not in root_handlers]:
+            root.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def _native_stderr_held_back() -> Iterator[None]:
+    """Hold back what native code writes to file descriptor 2 (XNNPACK's CPU probe prints five
+    "[cpuinfo_utils.cpp] ..." lines when the first program loads); it is written out if the
+    block raises, so that a failure keeps its diagnostics."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable descriptor 2: nothing to hold back
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _float_outside(modules: Sequence[str]) -> Any:
+    """A PT2E quantizer that marks every operation outside ``modules`` (by the graph's module
+    stack) as already annotated, so that the quantizers composed after it leave it float32."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer
+
+    class FloatOutside(Quantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            for node in model.graph.nodes:
+                scopes = {name for name, _ in (node.meta.get("nn_module_stack") or {}).values()}
+                if node.op == "call_function" and not scopes & set(modules):
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            pass
+
+    return FloatOutside()
+
+
+def _import_executorch() -> Any:
+    try:
+        from executorch import exir
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import ComposableQuantizer
+    except ImportError as error:
+        raise ImportError(
+            f"ExecuTorch export needs the executorch package ({error}): pip install -e \".[executorch]\""
+        ) from error
+    return exir, XnnpackPartitioner, XNNPACKQuantizer, get_symmetric_quantization_config, ComposableQuantizer, prepare_pt2e, convert_pt2e
+
+
+# Upper bounds of an ExecuTorch program's dynamic dimensions: the runtime plans (allocates) its
+# memory for the largest inputs, e.g. ~0.8 GB for a DeepLabV3-S0 program at 4 x 3 x 2048 x 2048.
+EXECUTORCH_MAX_BATCH = 4
+EXECUTORCH_MAX_IMAGE_SIDE = 2048
+
+
+def _dynamic_shapes(dynamic_image_size: bool, max_batch: int, max_image_side: int) -> tuple[dict[int, Any]]:
+    dims = {0: torch.export.Dim("batch", min=1, max=max_batch)}
+    if dynamic_image_size:
+        dims.update({2: torch.export.Dim("height", min=32, max=max_image_side), 3: torch.export.Dim("width", min=32, max=max_image_side)})
+    return (dims,)
+
+
+def to_executorch(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    dynamic_image_size: bool = False,
+    calibration: Iterable[torch.Tensor] | None = None,
+    max_batch: int = EXECUTORCH_MAX_BATCH,
+    max_image_side: int = EXECUTORCH_MAX_IMAGE_SIDE,
+    modules: Sequence[str] | None = None,
+) -> bytes:
+    """An ExecuTorch program of ``model`` (already fused) lowered to XNNPACK; returns the ``.pte`` bytes.
+
+    Batches of 1 to ``max_batch`` images (and with ``dynamic_image_size`` any height and width
+    from 32 to ``max_image_side``; else the example's size): the runtime plans its memory for the
+    largest. With ``calibration`` (batches of real inputs), the program is INT8: PT2E quantization
+    with the XNNPACK quantizer (symmetric int8 weights per output channel, int8 activations
+    observed on the calibration batches), then lowered; without it, float32. With ``modules``
+    (names of submodules of ``model``) only those are quantized, like ``quantize_onnx``'s.
+    """
+    shapes = _dynamic_shapes(dynamic_image_size, max_batch, max_image_side)
+    with _contained_logging():
+        return _lower(model, example_inputs, calibration, shapes, max_batch, modules)
+
+
+def _lower(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    calibration: Iterable[torch.Tensor] | None,
+    shapes: Any,
+    max_batch: int,
+    modules: Sequence[str] | None,
+) -> bytes:
+    exir, XnnpackPartitioner, XNNPACKQuantizer, symmetric_config, ComposableQuantizer, prepare_pt2e, convert_pt2e = _import_executorch()
+    model = model.eval()
+    # two images: torch.export specializes a dimension whose example size is 1
+    example = (example_inputs[:1].expand(2, *example_inputs.shape[1:]).float().contiguous(),)
+    with torch.no_grad():
+        program = torch.export.export(model, example, dynamic_shapes=shapes)
+        if calibration is not None:
+            quantizer = XNNPACKQuantizer().set_global(symmetric_config(is_per_channel=True))
+            if modules:  # XNNPACKQuantizer.set_module_name leaves most conv + ReLU pairs unquantized: mark the rest instead
+                quantizer = ComposableQuantizer([_float_outside(modules), quantizer])
+            observed = prepare_pt2e(program.module(), quantizer)
+            for batch in _inputs(calibration):
+                for part in batch.split(max_batch):  # the exported graph checks its input shapes
+                    observed(part)
+            program = torch.export.export(convert_pt2e(observed), example, dynamic_shapes=shapes)
+        # the edge-dialect verifier is skipped (a third of the lowering time): callers run the program and compare numerically
+        config = exir.EdgeCompileConfig(_check_ir_validity=False)
+        lowered = exir.to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], compile_config=config)
+        return bytes(lowered.to_executorch().buffer)
+
+
+class OnnxRuntimeNetwork(nn.Module):
+    """Runs an ONNX file (its bytes) in onnxruntime on CPU: tensors in, tensors out (a tuple for
+    several outputs). ``threads`` sets onnxruntime's intra-op threads (0: its default)."""
+
+    def __init__(self, onnx_bytes: bytes, threads: int = 0) -> None:
+        super().__init__()
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = self.session.run(None, {self.input_name: images.detach().cpu().float().contiguous().numpy()})
+        tensors = tuple(torch.from_numpy(output) for output in outputs)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+
+class ExecuTorchNetwork(nn.Module):
+    """Runs an ExecuTorch program (its bytes) in ExecuTorch's Python runtime on CPU: tensors in,
+    tensors out (a tuple for several outputs); a batch larger than the program's ``max_batch``
+    runs in slices of that size."""
+
+    def __init__(self, program: bytes, max_batch: int = EXECUTORCH_MAX_BATCH) -> None:
+        super().__init__()
+        self.max_batch = max_batch
+        with _contained_logging():
+            from executorch.runtime import Runtime
+
+            self.program = Runtime.get().load_program(program)
+            try:
+                with _native_stderr_held_back():
+                    self.method = self.program.load_method("forward")
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"ExecuTorch could not load the program ({error}; XNNPACK's reason is printed above). An INT8 program "
+                    "is refused when a layer's quantization scales are out of XNNPACK's range, which happens with "
+                    "activations of wildly different magnitudes: a network whose BatchNorm statistics do not match its "
+                    "weights yet, e.g. a checkpoint of the first training steps"
+                ) from error
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        images = images.detach().cpu().float()
+        slices = [[t.clone() for t in self.method.execute([part.contiguous()])] for part in images.split(self.max_batch)]
+        tensors = tuple(torch.cat(outputs) for outputs in zip(*slices))
+        return tensors[0] if len(tensors) == 1 else tensors
