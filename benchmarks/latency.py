@@ -17,6 +17,12 @@ Backends (``--backends``):
 - ``compile``: ``torch.compile`` (``--compile-mode``), with the same suffixes.
 - ``ort-1``, ``ort``: ONNX Runtime on the CPU with 1 thread (a proxy for one mobile core) and
   with ``--threads`` threads, spin-waiting disabled.
+- ``ort-int8-1``, ``ort-int8``: the same on the model quantized to INT8 (``backbones.runtimes.quantize_onnx``,
+  static QDQ, calibrated on random inputs: latency does not depend on the values).
+- ``executorch-1``, ``executorch``, ``executorch-int8-1``, ``executorch-int8``: ExecuTorch's
+  runtime with the XNNPACK delegate, float32 or INT8 (PT2E), 1 or ``--threads`` threads (needs
+  ``pip install -e ".[executorch]"``). ExecuTorch has one thread pool per process: one run takes
+  one thread count for all its ExecuTorch backends.
 
 The models are timed interleaved (A B C A B C ...) after a warm-up, so that a noisy shared
 machine slows all of them alike; each row gives the median and interquartile range of the
@@ -40,7 +46,8 @@ import torchvision
 
 from backbones import mobileone, reparameterize_model, to_onnx_bytes
 from backbones.atomic import atomic_write_file
-from backbones.export import FORBIDDEN_ONNX_OPS
+from backbones.export import FORBIDDEN_ONNX_OPS, fold_batchnorm_
+from backbones.runtimes import ExecuTorchNetwork, quantize_onnx, to_executorch
 from benchmarks.machine import describe_machine
 from benchmarks.timing import median_and_quartiles, time_ms
 
@@ -61,25 +68,32 @@ class Backend:
     channels_last: bool = False
     threads: int = 1
 
+    int8: bool = False
+
     @classmethod
     def parse(cls, name: str, device: str, threads: int) -> Backend:
-        """``eager``, ``eager-cl``, ``compile-bf16``, ``ort-1``, ``ort`` ... (see the module docstring)."""
-        if name in ("ort", "ort-1"):
+        """``eager``, ``eager-cl``, ``compile-bf16``, ``ort-1``, ``ort-int8``, ``executorch-int8-1`` ...
+        (see the module docstring)."""
+        kind, _, rest = name.partition("-")
+        if kind in ("ort", "executorch") and rest in ("", "1", "int8", "int8-1"):
             if device != "cpu":
                 raise ValueError(f"backend {name!r} runs on the CPU; drop it or use --device cpu")
-            return cls(name, "ort", threads=1 if name == "ort-1" else threads)
+            return cls(name, kind, threads=1 if rest.endswith("1") else threads, int8=rest.startswith("int8"))
         kind, *flags = name.split("-")
         unknown = [f for f in flags if f not in ("cl", *DTYPES)]
         if kind not in ("eager", "compile") or unknown or len([f for f in flags if f in DTYPES]) > 1:
-            raise ValueError(f"unknown backend {name!r}: expected eager|compile[-cl][-fp16|-bf16], ort-1 or ort")
+            raise ValueError(
+                f"unknown backend {name!r}: expected eager|compile[-cl][-fp16|-bf16], ort[-int8][-1] or executorch[-int8][-1]"
+            )
         dtype = next((DTYPES[f] for f in flags if f in DTYPES), torch.float32)
         half = dtype != torch.float32 and device == "cuda"
         return cls(name, kind, dtype, channels_last="cl" in flags or half, threads=threads)
 
     @property
     def label(self) -> str:
-        if self.kind == "ort":
-            return f"onnxruntime {self.threads} thread{'s' if self.threads > 1 else ''}"
+        if self.kind in ("ort", "executorch"):
+            runtime = "onnxruntime" if self.kind == "ort" else "ExecuTorch XNNPACK"
+            return f"{runtime}{' int8' if self.int8 else ''} {self.threads} thread{'s' if self.threads > 1 else ''}"
         dtype = {v: k for k, v in DTYPES.items()}[self.dtype]
         return f"{'torch.compile' if self.kind == 'compile' else 'eager'} {dtype}{' channels_last' if self.channels_last else ''}"
 
@@ -118,27 +132,32 @@ def top1(name: str) -> float | None:
 
 
 def runner(
-    model: torch.nn.Module, backend: Backend, device: str, compile_mode: str, onnx_cache: dict[int, bytes]
+    model: torch.nn.Module, backend: Backend, device: str, compile_mode: str, onnx_cache: dict[tuple[int, bool], bytes]
 ) -> Callable[[object], object]:
     """A function running ``model`` on a batch already converted by ``_convert`` the way ``backend``
     says. Eager / compiled backends run on a copy of ``model``; ONNX files are cached per model."""
+    if backend.kind == "executorch":
+        return _executorch_runner(model, backend)
     if backend.kind == "ort":
         import onnxruntime
 
-        if id(model) not in onnx_cache:
+        key = (id(model), backend.int8)
+        if (id(model), False) not in onnx_cache:
             # fused MobileOne must have no BatchNorm left (checked); the train form and the peers keep
             # theirs, which onnxruntime folds into the convs when it optimizes the session
             fused = not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-            onnx_cache[id(model)] = to_onnx_bytes(
+            onnx_cache[id(model), False] = to_onnx_bytes(
                 model, torch.randn(1, 3, 224, 224), forbidden_ops=FORBIDDEN_ONNX_OPS if fused else frozenset()
             )
+        if key not in onnx_cache:
+            onnx_cache[key] = quantize_onnx(onnx_cache[id(model), False], [torch.randn(8, 3, 224, 224)])
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = backend.threads
         options.inter_op_num_threads = 1
         # no spin-waiting after a run: the idle pools of the other interleaved sessions would steal the cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(onnx_cache[id(model)], options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(onnx_cache[key], options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})
 
@@ -155,9 +174,23 @@ def runner(
     return run
 
 
+def _executorch_runner(model: torch.nn.Module, backend: Backend) -> Callable[[object], object]:
+    """An ExecuTorch XNNPACK program of ``model`` (conv-BN pairs folded first; INT8 calibrated on
+    random inputs), run in ExecuTorch's runtime with ``backend.threads`` threads."""
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(backend.threads)  # one pool per process (see measure)
+    model = fold_batchnorm_(copy.deepcopy(model).eval())
+    example = torch.randn(1, 3, 224, 224)
+    program = ExecuTorchNetwork(to_executorch(model, example, calibration=[torch.randn(8, 3, 224, 224)] if backend.int8 else None))
+    return program
+
+
 def _convert(x: torch.Tensor, backend: Backend, device: str) -> object:
     if backend.kind == "ort":
         return x.numpy()
+    if backend.kind == "executorch":
+        return x
     memory_format = torch.channels_last if backend.channels_last else torch.contiguous_format
     return x.to(device=device, dtype=backend.dtype, memory_format=memory_format)
 
@@ -184,8 +217,10 @@ def measure(
     if device == "cpu":
         torch.set_num_threads(threads)
     parsed = [Backend.parse(b, device, threads) for b in backends]
+    if len({b.threads for b in parsed if b.kind == "executorch"}) > 1:
+        raise ValueError(f"{backends}: ExecuTorch has one thread pool per process; time executorch-1 and executorch in separate runs")
     built = models(variants, unfused, peers)
-    onnx_cache: dict[int, bytes] = {}
+    onnx_cache: dict[tuple[int, bool], bytes] = {}
     runs = {(name, b): runner(model, b, device, compile_mode, onnx_cache) for name, model in built.items() for b in parsed}
     _progress(f"{len(built)} models x {len(parsed)} backends prepared; timing batch sizes {list(batch_sizes)}, {rounds} rounds each")
     reference_model = f"mobileone_{variants[0]} (fused)"

@@ -31,6 +31,11 @@ def test_backend_names_parse_into_what_they_say():
     assert not Backend.parse("eager-fp16", "cpu", 2).channels_last, "channels_last is implied for half precision on CUDA only"
     assert Backend.parse("ort", "cpu", 2).label == "onnxruntime 2 threads"
     assert Backend.parse("ort-1", "cpu", 2).label == "onnxruntime 1 thread"
+    assert Backend.parse("ort-int8", "cpu", 2).label == "onnxruntime int8 2 threads"
+    assert Backend.parse("executorch-int8-1", "cpu", 2).label == "ExecuTorch XNNPACK int8 1 thread"
+    assert Backend.parse("executorch", "cpu", 2).label == "ExecuTorch XNNPACK 2 threads"
+    with pytest.raises(ValueError, match="ort-int8-2"):
+        Backend.parse("ort-int8-2", "cpu", 2)
     with pytest.raises(ValueError, match="eager-int8"):
         Backend.parse("eager-int8", "cpu", 2)
     with pytest.raises(ValueError, match="runs on the CPU"):
@@ -40,10 +45,10 @@ def test_backend_names_parse_into_what_they_say():
 def test_latency_rows_tables_csv_and_plot(tmp_path):
     from benchmarks.latency import markdown, measure, plot, write_csv
 
-    rows = measure(["s0"], ["eager", "ort-1"], batch_sizes=[1, 2], rounds=3, warmup=1, threads=1, peers=False)
+    rows = measure(["s0"], ["eager", "ort-1", "ort-int8-1"], batch_sizes=[1, 2], rounds=3, warmup=1, threads=1, peers=False)
     assert {(r["model"], r["backend"], r["batch"]) for r in rows} == {
         (m, b, n) for m in ("mobileone_s0 (fused)", "mobileone_s0 (unfused)")
-        for b in ("eager fp32", "onnxruntime 1 thread") for n in (1, 2)
+        for b in ("eager fp32", "onnxruntime 1 thread", "onnxruntime int8 1 thread") for n in (1, 2)
     }
     for row in rows:
         assert row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from torchvision import tv_tensors
 
-from backbones.runtimes import ExecuTorchNetwork
+from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork
 from backbones.testing import relative_error
 from deployment import needs_executorch, with_data_batchnorm
 from tasks.segmentation.__main__ import main
@@ -332,25 +332,31 @@ def test_head_learning_rate_and_poly_schedule(voc_root):
     assert factor(55) == pytest.approx(0.5**0.9)
 
 
-@needs_executorch
-def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, tmp_path):
+# With ExecuTorch the export lowers the segmenter twice (float32, INT8): about 80 s on 2 cores, hence slow.
+@pytest.mark.parametrize("executorch", [False, pytest.param(True, marks=[pytest.mark.slow, needs_executorch])])
+def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, tmp_path, executorch):
     checkpoint = with_data_batchnorm(trained, SemanticSegmentationTask, lambda task: task.model, 64, tmp_path / "settled.ckpt")
     out = tmp_path / "exported"
     run("export", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true",
-        "--executorch=true", "--calibration_images=6")
-    metadata = json.loads((out / "model.json").read_text())
-    deployed = metadata["deployed"]
-    assert metadata["executorch_vs_pytorch_relative_error"] < 1e-5
-    assert deployed["model.pte"]["vs_float32"]["agreement"] > 0.999
-    assert deployed["model.pte"]["validation"]["val/mIoU"] == pytest.approx(deployed["model_fused.pt"]["validation"]["val/mIoU"])
-    for name in ("model.int8.onnx", "model.int8.pte"):
+        f"--executorch={str(executorch).lower()}", "--calibration_images=6")
+    deployed = json.loads((out / "model.json").read_text())["deployed"]
+    int8_files = ["model.int8.onnx", "model.int8.pte"] if executorch else ["model.int8.onnx"]
+    for name in int8_files:
         comparison = deployed[name]["vs_float32"]
         assert comparison["agreement_count"] == 3 * 64 * 64 and comparison["agreement"] >= 0.8 and comparison["relative_error"] < 0.4
 
     task = SemanticSegmentationTask.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    x = torch.randn(2, 3, 80, 48)  # another size than the validation images
+    data = VOCSegmentation(root=str(voc_root), batch_size=2, num_workers=0, crop_size=48)
+    images = next(task.export_batches(data))
+    x = torch.nn.functional.interpolate(images, size=(80, 48), mode="bilinear")  # another size than the validation images
     with torch.no_grad():
         expected = task.model(x)["out"]
-    for name, bound in (("model.pte", 1e-4), ("model.int8.pte", 0.4)):  # XNNPACK sums in another order: 7e-5 measured
-        logits = ExecuTorchNetwork((out / name).read_bytes())(x)
-        assert logits.shape == (2, 4, 80, 48) and relative_error(logits, expected) < bound, name
+    runs = {"model.int8.onnx": (OnnxRuntimeNetwork, 0.4)}
+    if executorch:
+        assert deployed["model.pte"]["vs_float32"]["agreement"] > 0.999
+        assert deployed["model.pte"]["validation"]["val/mIoU"] == pytest.approx(deployed["model_fused.pt"]["validation"]["val/mIoU"])
+        # XNNPACK sums in another order than PyTorch: 7e-5 measured
+        runs.update({"model.pte": (ExecuTorchNetwork, 1e-4), "model.int8.pte": (ExecuTorchNetwork, 0.4)})
+    for name, (runtime, bound) in runs.items():
+        logits = runtime((out / name).read_bytes())(x)
+        assert logits.shape == (len(x), 4, 80, 48) and relative_error(logits, expected) < bound, name

@@ -199,8 +199,8 @@ def export_network(
         report["deployed"] = _compare_deployed(fused, deployed, example_inputs, match, evaluate, metric)
 
     def write_metadata(path: Path) -> None:  # last: its presence marks a complete export
-        names = sorted(name for name, _ in writers.values())
-        sizes = {name: _size(path.parent / name) for name in names if name != METADATA}
+        names = sorted(name for name, _ in writers.values() if name != METADATA)
+        sizes = {name: _size(path.parent / name) for name in names}
         path.write_text(json.dumps({**metadata, **report, "files": names, "file_bytes": sizes}, indent=2) + "\n")
 
     writers["metadata"] = (METADATA, write_metadata)
