@@ -471,9 +471,9 @@ def same_size_images(batches: Iterable[torch.Tensor], count: int) -> torch.Tenso
 
 
 @contextlib.contextmanager
-def _quiet_trainer_setup() -> Iterator[None]:
-    """Hold back the lines a Trainer logs when built and started ("GPU available: ...", "LOCAL_RANK ...")."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")]
+def _only_warnings_from(*names: str) -> Iterator[None]:
+    """Raise the named loggers to WARNING inside the context."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
@@ -484,17 +484,9 @@ def _quiet_trainer_setup() -> Iterator[None]:
             logger.setLevel(level)
 
 
-@contextlib.contextmanager
-def _result_tables_held_back() -> Iterator[None]:
-    """Hold back the tasks' INFO lines (the per-class / COCO tables ``validate`` prints): the
-    export logs one line per evaluated file instead, and ``model.json`` keeps every metric."""
-    tasks_log = logging.getLogger("tasks")
-    level = tasks_log.level
-    tasks_log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        tasks_log.setLevel(level)
+# What an evaluation Trainer would print: "GPU available: ...", "LOCAL_RANK ...", and the tasks' result
+# tables (the export logs one line per evaluated file instead; model.json keeps every metric).
+_EVALUATION_NOISE = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "tasks")
 
 
 def validation_metrics(
@@ -505,7 +497,7 @@ def validation_metrics(
     on CPU, on the whole validation split or its first ``limit_batches`` batches."""
     attached = model._trainer, datamodule.trainer
     try:
-        with _quiet_trainer_setup(), _result_tables_held_back(), model.validating_with(network):
+        with _only_warnings_from(*_EVALUATION_NOISE), model.validating_with(network):
             evaluator = pl.Trainer(
                 accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, limit_val_batches=limit_batches or 1.0,
