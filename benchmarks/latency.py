@@ -181,9 +181,8 @@ def _executorch_runner(model: torch.nn.Module, backend: Backend) -> Callable[[ob
 
     portable_lib._unsafe_reset_threadpool(backend.threads)  # one pool per process (see measure)
     model = fold_batchnorm_(copy.deepcopy(model).eval())
-    example = torch.randn(1, 3, 224, 224)
-    program = ExecuTorchNetwork(to_executorch(model, example, calibration=[torch.randn(8, 3, 224, 224)] if backend.int8 else None))
-    return program
+    calibration = [torch.randn(8, 3, 224, 224)] if backend.int8 else None
+    return ExecuTorchNetwork(to_executorch(model, torch.randn(1, 3, 224, 224), calibration=calibration))
 
 
 def _convert(x: torch.Tensor, backend: Backend, device: str) -> object:

@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.common.backbones import backbone_name, classifier_network
-from tasks.common.export import atomic_write, same_size_images
+from tasks.common.export import atomic_write, same_size_images, split_loader
 from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin, replaced_submodule
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
@@ -152,10 +152,7 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
 
     def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
         """Batches of preprocessed images of the ``"validate"`` or the (augmented) ``"fit"`` split."""
-        if datamodule is None:
-            raise ValueError("export checks the fused model on real images: it needs the data config")
-        datamodule.setup(split)
-        for batch in datamodule.val_dataloader() if split == "validate" else datamodule.train_dataloader():
+        for batch in split_loader(datamodule, split):
             if batch is not None:  # None: every image of the batch was unreadable (skip_corrupt)
                 yield batch[0]
 

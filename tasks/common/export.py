@@ -446,6 +446,15 @@ def _onnx_export(
     return content, _worst_error([torch.from_numpy(a) for a in actual], expected)
 
 
+def split_loader(datamodule: pl.LightningDataModule | None, split: str) -> Iterable[Any]:
+    """The data config's validation loader (``split="validate"``) or training loader (``"fit"``),
+    after its ``setup``; export checks and calibrates on real images, so it needs one."""
+    if datamodule is None:
+        raise ValueError("export checks the fused model on real images: it needs the data config")
+    datamodule.setup(split)
+    return datamodule.val_dataloader() if split == "validate" else datamodule.train_dataloader()
+
+
 def first_images(batches: Iterable[torch.Tensor], count: int) -> list[torch.Tensor]:
     """The first ``count`` images of ``batches`` (fewer if they run out), as the batches they came in."""
     taken: list[torch.Tensor] = []

@@ -20,7 +20,7 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.utils import draw_bounding_boxes
 
 from tasks.common.backbones import backbone_name
-from tasks.common.export import atomic_write, same_size_images
+from tasks.common.export import atomic_write, same_size_images, split_loader
 from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin, replaced_submodule
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
@@ -177,10 +177,7 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
 
     def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
         """Batches of the ``"validate"`` or the (augmented) ``"fit"`` split in ``export_form``."""
-        if datamodule is None:
-            raise ValueError("export checks the fused model on real images: it needs the data config")
-        datamodule.setup(split)
-        for images, _ in datamodule.val_dataloader() if split == "validate" else datamodule.train_dataloader():
+        for images, _ in split_loader(datamodule, split):
             yield self.export_form(images)
 
     def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 8) -> torch.Tensor:
@@ -197,29 +194,34 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
         """(detections of the trained model that the fused model reproduces, detections of the
         trained model): after NMS at the detector's own ``score_thresh``, as ``predict`` keeps them;
         reproduced = same class, box IoU >= 0.99, score within 1e-3."""
-        matched = total = 0
-        for (boxes_f, scores_f), (boxes_r, scores_r) in zip(zip(*fused), zip(*reference)):
-            kept_f = self._postprocess(boxes_f, scores_f, self.hparams.score_thresh)
-            kept_r = self._postprocess(boxes_r, scores_r, self.hparams.score_thresh)
-            total += len(kept_r[0])
-            if len(kept_r[0]) and len(kept_f[0]):
-                iou = box_iou(kept_r[0], kept_f[0])
-                same = (kept_r[2][:, None] == kept_f[2][None]) & (iou >= 0.99) & ((kept_r[1][:, None] - kept_f[1][None]).abs() <= 1e-3)
-                matched += int(same.any(1).sum())
-        return matched, total
+        return self._matched_detections(fused, reference, min_iou=0.99, max_score_difference=1e-3)
 
     def deployment_agreement(self, deployed: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
         """(detections of the float32 model that a deployed file finds too, detections of the
         float32 model): both post-processed as ``predict`` keeps them; found = a detection of the
         same class at box IoU >= 0.5 (COCO's match criterion). Scores are not compared: an INT8
         file moves them by more than ``export_agreement``'s 1e-3."""
+        return self._matched_detections(deployed, reference, min_iou=0.5, max_score_difference=None)
+
+    def _matched_detections(
+        self,
+        candidate: tuple[torch.Tensor, torch.Tensor],
+        reference: tuple[torch.Tensor, torch.Tensor],
+        min_iou: float,
+        max_score_difference: float | None,
+    ) -> tuple[int, int]:
+        """(reference detections with a candidate detection of the same class at box IoU >=
+        ``min_iou`` and, unless None, a score within ``max_score_difference``; reference
+        detections), both raw outputs post-processed at ``score_thresh``."""
         matched = total = 0
-        for (boxes_d, scores_d), (boxes_r, scores_r) in zip(zip(*deployed), zip(*reference)):
-            kept_d = self._postprocess(boxes_d, scores_d, self.hparams.score_thresh)
+        for (boxes_c, scores_c), (boxes_r, scores_r) in zip(zip(*candidate), zip(*reference)):
+            kept_c = self._postprocess(boxes_c, scores_c, self.hparams.score_thresh)
             kept_r = self._postprocess(boxes_r, scores_r, self.hparams.score_thresh)
             total += len(kept_r[0])
-            if len(kept_r[0]) and len(kept_d[0]):
-                same = (kept_r[2][:, None] == kept_d[2][None]) & (box_iou(kept_r[0], kept_d[0]) >= 0.5)
+            if len(kept_r[0]) and len(kept_c[0]):
+                same = (kept_r[2][:, None] == kept_c[2][None]) & (box_iou(kept_r[0], kept_c[0]) >= min_iou)
+                if max_score_difference is not None:
+                    same &= (kept_r[1][:, None] - kept_c[1][None]).abs() <= max_score_difference
                 matched += int(same.any(1).sum())
         return matched, total
 

@@ -19,7 +19,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tasks.common.backbones import backbone_name
-from tasks.common.export import atomic_write, same_size_images
+from tasks.common.export import atomic_write, same_size_images, split_loader
 from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin, replaced_submodule
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps
 from tasks.common.sampling import gather_on_rank_zero
@@ -191,10 +191,7 @@ class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Light
 
     def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
         """Batches of preprocessed images of the ``"validate"`` split or the (augmented, cropped) ``"fit"`` split."""
-        if datamodule is None:
-            raise ValueError("export checks the fused model on real images: it needs the data config")
-        datamodule.setup(split)
-        for images, _ in datamodule.val_dataloader() if split == "validate" else datamodule.train_dataloader():
+        for images, _ in split_loader(datamodule, split):
             yield images
 
     def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 4) -> torch.Tensor:
