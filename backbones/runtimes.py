@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -44,17 +45,19 @@ def _inputs(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         yield batch.detach().cpu().float().contiguous()
 
 
-def _nodes_outside(onnx_bytes: bytes, modules: Sequence[str]) -> list[str]:
-    """Names of the ONNX nodes that torch.onnx's exporter did not record as inside one of
-    ``modules`` (submodule names of the exported model, e.g. ``"features"``)."""
+def _nodes_left_float(onnx_bytes: bytes, modules: Sequence[str] | None, float_modules: Sequence[str] | None) -> list[str]:
+    """Names of the ONNX nodes to leave float32: those that torch.onnx's exporter did not record
+    as inside one of ``modules`` (when given), and those inside one of ``float_modules``
+    (dotted submodule names of the exported model, e.g. ``"features"``, ``"stage1.1"``)."""
     import onnx
 
-    outside = []
+    left = []
     for node in onnx.load_from_string(onnx_bytes).graph.node:
         scopes = {prop.key: prop.value for prop in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
-        if scopes is None or not set(ast.literal_eval(scopes)) & set(modules):
-            outside.append(node.name)
-    return outside
+        scopes = set(ast.literal_eval(scopes)) if scopes is not None else set()
+        if (modules and not scopes & set(modules)) or (float_modules and scopes & set(float_modules)):
+            left.append(node.name)
+    return left
 
 
 def quantize_onnx(
@@ -63,6 +66,7 @@ def quantize_onnx(
     method: str = "minmax",
     modules: Sequence[str] | None = None,
     input_name: str = "images",
+    float_modules: Sequence[str] | None = None,
 ) -> bytes:
     """INT8 copy of a float32 ONNX file, calibrated on ``calibration`` (batches of real inputs,
     preprocessed as for inference); returns the new file's bytes.
@@ -72,7 +76,7 @@ def quantize_onnx(
     ``"entropy"``). The graph is first run through onnxruntime's pre-processing (graph
     optimization). With ``modules`` (names of submodules of the model that ``torch.onnx.export``
     exported) only their nodes are quantized; the rest (e.g. a detector's box decoding) stays
-    float32.
+    float32; the nodes of ``float_modules`` (dotted submodule names) stay float32 too.
     """
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -83,7 +87,8 @@ def quantize_onnx(
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = _inputs(calibration)
+            # the histogram methods stack each tensor's observations: one image at a time keeps their shapes equal
+            self.batches = _inputs(calibration) if method == "minmax" else (image[None] for batch in _inputs(calibration) for image in batch)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
@@ -93,12 +98,13 @@ def quantize_onnx(
         source, prepared, target = (os.path.join(scratch, name) for name in ("float.onnx", "prepared.onnx", "int8.onnx"))
         Path(source).write_bytes(onnx_bytes)
         quant_pre_process(source, prepared, skip_symbolic_shape=True)  # symbolic inference fails on dynamic-size Resize
-        quantize_static(
-            prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
-            nodes_to_exclude=_nodes_outside(onnx_bytes, modules) if modules else [],
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram methods print their progress
+            quantize_static(
+                prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                nodes_to_exclude=_nodes_left_float(onnx_bytes, modules, float_modules),
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
         return Path(target).read_bytes()
 
 

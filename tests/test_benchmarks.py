@@ -166,3 +166,30 @@ def test_batchnorm_recalibration_repairs_stale_running_statistics():
     fixed = recalibrated(network, batches, batches=4)
     assert abs(evaluate(fixed, batches)[0] - healthy) < 0.05 * healthy
     assert network[1].running_var.max() < 1  # the original is left as it was
+
+
+def test_int8_sensitivity_rounds_one_layer_at_a_time_and_restores_the_network():
+    from torch import nn
+
+    from benchmarks.int8_sensitivity import diagonal_ratio, input_ranges, int8_weights, layer_sensitivity, quantized_layers, simulated_int8
+
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    with torch.no_grad():  # a reparameterized block's 1x1 conv: the identity (skip branch) plus small learned weights
+        network[0].weight.copy_(torch.eye(8)[:, :, None, None] * 40 + torch.randn(8, 8, 1, 1) * 0.1)
+    assert diagonal_ratio(network[0]) > 100 and diagonal_ratio(network[2]) < 3 and diagonal_ratio(network[1]) is None
+    weight = network[2].weight.detach().clone()
+    step = weight.abs().flatten(1).amax(1).view(-1, 1, 1, 1) / 127
+    assert (int8_weights(weight) - weight).abs().le(step / 2 + 1e-7).all() and not torch.equal(int8_weights(weight), weight)
+
+    layers = quantized_layers(network)
+    images = torch.rand(4, 8, 6, 6)
+    ranges = input_ranges(network, layers, [images])
+    assert ranges["0"] == (float(images.min()), float(images.max()))
+    ranges["2"] = (0.0, 1000 * ranges["2"][1])  # an outlier in the calibration images: a coarse int8 step for layer 2's input
+    rows = {row["layer"]: row for row in layer_sensitivity(network, layers, ranges, images)}
+    assert rows["2"]["input_error"] > 20 * rows["0"]["input_error"] > 0
+    assert rows["0"]["weights_error"] > 0 and rows["2"]["weights_error"] > 0
+    with simulated_int8(network, ["2"], ["2"], ranges):
+        assert not torch.equal(network[2].weight, weight) and network[2]._forward_pre_hooks and not network[0]._forward_pre_hooks
+    assert torch.equal(network[2].weight, weight) and not network[2]._forward_pre_hooks, "restored on exit"

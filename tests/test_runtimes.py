@@ -81,6 +81,32 @@ def test_int8_onnx_quantizes_only_the_modules_named():
     assert sum(n.op_type == "QuantizeLinear" for n in nodes) >= 2
 
 
+def test_int8_onnx_leaves_float_modules_float():
+    network = Decoded().eval()
+    calibration = [torch.randn(4, 3, 16, 16)]
+    content = quantize_onnx(to_onnx_bytes(network, calibration[0], forbidden_ops=frozenset()), calibration, float_modules=["body.0"])
+    graph = onnx.load_from_string(content).graph
+    initializers = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    first, second = [n for n in graph.node if n.op_type == "Conv"]
+    assert initializers[first.input[1]].data_type == onnx.TensorProto.FLOAT, "body.0's weights stay float32"
+    assert first.input[0] == "images", "body.0 reads the float32 input directly"
+    second_weight = producers[second.input[1]]
+    assert second_weight.op_type == "DequantizeLinear" and initializers[second_weight.input[0]].data_type == onnx.TensorProto.INT8
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_int8_onnx_histogram_calibration_takes_batches_of_any_size(method):
+    """onnxruntime's histogram collectors stack every observation of a tensor, which fails for a
+    last, smaller batch; quantize_onnx feeds them one image at a time."""
+    network = settled_s0(out_indices=(1,))
+    calibration = [torch.randn(3, 3, 64, 64), torch.randn(1, 3, 64, 64)]
+    int8 = OnnxRuntimeNetwork(quantize_onnx(to_onnx_bytes(network, calibration[0]), calibration, method))
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(int8(images), network(images)[0]) < 0.1
+
+
 def test_int8_onnx_names_an_unknown_calibration_method():
     with pytest.raises(ValueError, match="calibration method 'median'"):
         quantize_onnx(b"", [], method="median")

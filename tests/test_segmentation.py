@@ -338,8 +338,11 @@ def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, t
     checkpoint = with_data_batchnorm(trained, SemanticSegmentationTask, lambda task: task.model, 64, tmp_path / "settled.ckpt")
     out = tmp_path / "exported"
     run("export", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true",
-        f"--executorch={str(executorch).lower()}", "--calibration_images=6")
-    deployed = json.loads((out / "model.json").read_text())["deployed"]
+        f"--executorch={str(executorch).lower()}", "--calibration_images=6", "--calibration_method=percentile")
+    metadata = json.loads((out / "model.json").read_text())
+    assert metadata["int8_calibration"] == {"images": 6, "onnx_method": "percentile",
+                                            "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)" if executorch else None}
+    deployed = metadata["deployed"]
     int8_files = ["model.int8.onnx", "model.int8.pte"] if executorch else ["model.int8.onnx"]
     for name in int8_files:
         comparison = deployed[name]["vs_float32"]

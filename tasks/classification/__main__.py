@@ -16,8 +16,10 @@ class ClassificationCLI(TaskCLI):
         parser.add_lightning_class_args(TopKPredictionWriter, "predictions")
 
 
-def main(args: ArgsType = None) -> None:
-    ClassificationCLI(ImageClassificationTask, ImageFolderDataModule, args=args)
+def main(args: ArgsType = None, run: bool = True) -> TaskCLI:
+    """The task's command line on ``args`` (default: ``sys.argv``); with ``run=False`` it only builds
+    the model and data module from the options (``.model``, ``.datamodule``), without a subcommand."""
+    return ClassificationCLI(ImageClassificationTask, ImageFolderDataModule, args=args, run=run)
 
 
 if __name__ == "__main__":

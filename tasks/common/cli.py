@@ -99,6 +99,7 @@ class TaskTrainer(pl.Trainer):
         int8: bool = False,
         executorch: bool = False,
         calibration_images: int = 256,
+        calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
         validation_batches: int | None = None,
     ) -> dict[str, Any]:
         """Reparameterize a checkpoint, check it numerically and write the deployable files.
@@ -130,6 +131,9 @@ class TaskTrainer(pl.Trainer):
             executorch: also write ``model.pte``, an ExecuTorch program for the XNNPACK delegate
                 (Android, iOS, Linux; needs ``pip install -e ".[executorch]"``).
             calibration_images: how many training images (augmented as for training) INT8 calibration sees.
+            calibration_method: how ``model.int8.onnx``'s activation ranges are set from them:
+                ``minmax`` (the observed range), ``percentile`` (99.999%) or ``entropy`` (onnxruntime's
+                methods); ``model.int8.pte`` uses the XNNPACK quantizer's histogram observer.
             validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
                 fused model are run through the validation split and their metrics recorded in
                 ``model.json``; this limits that to the first batches (default: the whole split).
@@ -142,7 +146,8 @@ class TaskTrainer(pl.Trainer):
             model, datamodule, output, onnx=onnx, torchscript=torchscript, tolerance=tolerance,
             coreml=coreml, coreml_precision=coreml_precision, coreml_image_input=coreml_image_input,
             coreml_image_size=coreml_image_size, int8=int8, executorch=executorch,
-            calibration_images=calibration_images, validation_batches=validation_batches,
+            calibration_images=calibration_images, calibration_method=calibration_method,
+            validation_batches=validation_batches,
         )
 
 

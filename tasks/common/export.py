@@ -88,6 +88,7 @@ def export_network(
     int8: bool = False,
     executorch: bool = False,
     calibration: list[torch.Tensor] | None = None,
+    calibration_method: str = "minmax",
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     metric: str | None = None,
     quantized_modules: Sequence[str] | None = None,
@@ -193,7 +194,7 @@ def export_network(
         log.info("CoreML ML program converted (%s): ops %s (%.1f s)", coreml_precision, report["coreml"].get("op_types"), _since(started))
         writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
     deployed = _deployment_files(fused, example_inputs, fused_output, dynamic_image_size, tolerance, report, writers,
-                                 onnx_bytes if int8 else None, executorch, calibration, quantized_modules)
+                                 onnx_bytes if int8 else None, executorch, calibration, calibration_method, quantized_modules)
     if deployed:
         match = deployment_agreement or agreement or _argmax_agreement
         report["deployed"] = _compare_deployed(fused, deployed, example_inputs, match, evaluate, metric)
@@ -241,6 +242,7 @@ def _deployment_files(
     onnx_bytes_to_quantize: bytes | None,
     executorch: bool,
     calibration: list[torch.Tensor] | None,
+    calibration_method: str,
     quantized_modules: Sequence[str] | None,
 ) -> dict[str, nn.Module]:
     """Build the INT8 ONNX and ExecuTorch files asked for, add their writers, and return a module
@@ -252,9 +254,14 @@ def _deployment_files(
     deployed: dict[str, nn.Module] = {}
     if quantize:
         started = time.perf_counter()
-        files[ONNX_INT8_FILE] = quantize_onnx(onnx_bytes_to_quantize, calibration, modules=quantized_modules)
+        files[ONNX_INT8_FILE] = quantize_onnx(onnx_bytes_to_quantize, calibration, calibration_method, quantized_modules)
         deployed[ONNX_INT8_FILE] = OnnxRuntimeNetwork(files[ONNX_INT8_FILE])
-        log.info("INT8 ONNX quantized (static QDQ, calibrated on %d images) (%.1f s)", _count(calibration), _since(started))
+        report["int8_calibration"] = {
+            "images": _count(calibration), "onnx_method": calibration_method,
+            "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)" if executorch else None,
+        }
+        log.info("INT8 ONNX quantized (static QDQ, %s calibration on %d images) (%.1f s)", calibration_method,
+                 _count(calibration), _since(started))
     if executorch:
         started = time.perf_counter()
         files[EXECUTORCH_FILE] = to_executorch(fused, example_inputs, dynamic_image_size)
@@ -532,6 +539,7 @@ def export_task(
     int8: bool = False,
     executorch: bool = False,
     calibration_images: int = 256,
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
     validation_batches: int | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s network in inference form, checked on real validation inputs (see
@@ -573,6 +581,7 @@ def export_task(
         int8=int8,
         executorch=executorch,
         calibration=calibration,
+        calibration_method=calibration_method,
         evaluate=evaluate,
         metric=model.validation_metric,
         quantized_modules=getattr(model, "export_quantized_modules", None),

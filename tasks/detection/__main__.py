@@ -17,8 +17,10 @@ class DetectionCLI(TaskCLI):
         parser.add_lightning_class_args(DetectionWriter, "predictions")
 
 
-def main(args: ArgsType = None) -> None:
-    DetectionCLI(ObjectDetectionTask, COCODetection, args=args)
+def main(args: ArgsType = None, run: bool = True) -> TaskCLI:
+    """The task's command line on ``args`` (default: ``sys.argv``); with ``run=False`` it only builds
+    the model and data module from the options (``.model``, ``.datamodule``), without a subcommand."""
+    return DetectionCLI(ObjectDetectionTask, COCODetection, args=args, run=run)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ class SegmentationCLI(TaskCLI):
         parser.add_lightning_class_args(MaskWriter, "predictions")
 
 
-def main(args: ArgsType = None) -> None:
-    SegmentationCLI(SemanticSegmentationTask, SegmentationDataModule, subclass_mode_data=True, args=args)
+def main(args: ArgsType = None, run: bool = True) -> TaskCLI:
+    """The task's command line on ``args`` (default: ``sys.argv``); with ``run=False`` it only builds
+    the model and data module from the options (``.model``, ``.datamodule``), without a subcommand."""
+    return SegmentationCLI(SemanticSegmentationTask, SegmentationDataModule, subclass_mode_data=True, args=args, run=run)
 
 
 if __name__ == "__main__":
