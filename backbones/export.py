@@ -19,7 +19,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from backbones.atomic import atomic_write_dir, reset_modes
 from backbones.network import reparameterize_model
-from backbones.testing import relative_error
 
 __all__ = [
     "FORBIDDEN_COREML_OPS",
@@ -29,6 +28,7 @@ __all__ = [
     "fold_batchnorm_",
     "fuse_for_deployment",
     "output_tensors",
+    "relative_error",
     "save_mlpackage",
     "to_coreml",
     "to_onnx_bytes",
@@ -94,6 +94,12 @@ def to_onnx_bytes(
 
 # TorchScript ops that betray an unfused BatchNorm (in eval mode a trace records ``aten::batch_norm``).
 FORBIDDEN_TORCHSCRIPT_OPS = frozenset({"aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training"})
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` computed in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:

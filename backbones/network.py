@@ -411,12 +411,14 @@ class MobileOne(nn.Module):
             return features
         return self.forward_head(features)
 
-    def reparameterize(self) -> None:
-        """Mark the network as fused; the layers fuse themselves (see :func:`reparameterize_model`)."""
-        for module in self.modules():
-            if isinstance(module, MobileOneBlock):
-                module.reparameterize()
-        self.inference_mode = True
+
+def variant_config(variant: str, what: str = "variant") -> dict[str, Any]:
+    """A copy of the :class:`MobileOne` arguments of ``variant`` ("s0" .. "s4", also "mobileone_s0" ..,
+    any case); a ``ValueError`` naming the known variants for any other name."""
+    name = variant.lower().removeprefix("mobileone_")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown MobileOne {what} {variant!r}; expected one of {sorted(VARIANTS)}")
+    return dict(VARIANTS[name])
 
 
 def mobileone(
@@ -440,11 +442,9 @@ def mobileone(
     the file's SHA-256.
     """
     name = variant.lower().removeprefix("mobileone_")
-    if name not in VARIANTS:
-        raise ValueError(f"unknown MobileOne variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    config = variant_config(variant)
     if pretrained and weights is not None:
         raise ValueError(f"pass either pretrained=True (Apple's weights) or weights={weights!r}, not both")
-    config = dict(VARIANTS[name])
     use_se = kwargs.pop("use_se", None)
     if use_se is not None:
         blocks = kwargs.get("num_blocks_per_stage", DEFAULT_BLOCKS_PER_STAGE)

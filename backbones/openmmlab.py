@@ -41,7 +41,7 @@ except ImportError as error:  # pragma: no cover - exercised only without mmengi
     ) from error
 
 from backbones.checkpoint import load_checkpoint
-from backbones.network import VARIANTS, MobileOne
+from backbones.network import MobileOne, variant_config
 
 __all__ = ["MobileOneBackbone", "REGISTERED_IN", "resolve_arch"]  # and FixedSSDHead when mmdet is installed
 
@@ -54,10 +54,7 @@ def resolve_arch(arch: str | dict[str, Any]) -> dict[str, Any]:
     or a dict of architecture arguments (``width_multipliers``, ``num_conv_branches``, ...)."""
     if isinstance(arch, dict):
         return dict(arch)
-    name = str(arch).lower().removeprefix("mobileone_")
-    if name not in VARIANTS:
-        raise ValueError(f"unknown MobileOne arch {arch!r}; expected one of {sorted(VARIANTS)} or a dict")
-    return dict(VARIANTS[name])
+    return variant_config(str(arch), what="arch")
 
 
 class MobileOneBackbone(MobileOne, BaseModule):

@@ -1,9 +1,14 @@
-"""Helpers shared by the tests and the benchmark scripts (non-default BN statistics, error metric)."""
+"""Helpers shared by the tests and the benchmark scripts: non-default BatchNorm statistics
+(and ``relative_error``, the metric of ``backbones.export``, for the tests' convenience)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from backbones.export import relative_error
+
+__all__ = ["randomize_batchnorm", "relative_error"]
 
 
 @torch.no_grad()
@@ -25,9 +30,3 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
             uniform(module.weight, 0.5, 1.5)
             uniform(module.bias, -0.5, 0.5)
     return model
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` computed in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm()).item()

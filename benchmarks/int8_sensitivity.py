@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import importlib
 import sys
 from collections.abc import Iterator, Sequence
@@ -34,20 +33,18 @@ import torch
 from torch import nn
 
 from backbones import fuse_for_deployment
-from backbones.export import output_tensors, to_onnx_bytes
+from backbones.export import output_tensors, relative_error, to_onnx_bytes
 from backbones.runtimes import OnnxRuntimeNetwork, quantize_onnx
 from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS
+from benchmarks.timing import write_csv
 from tasks.common.export import first_images, same_size_images, validation_metrics
 
 QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
 
 
-def relative_error(actual: object, expected: object) -> float:
+def output_error(actual: object, expected: object) -> float:
     """``||actual - expected|| / ||expected||`` over all output tensors together."""
-    pairs = list(zip(output_tensors(actual), output_tensors(expected)))
-    difference = sum(float((a.float() - e.float()).square().sum()) for a, e in pairs)
-    reference = sum(float(e.float().square().sum()) for _, e in pairs)
-    return (difference / max(reference, 1e-30)) ** 0.5
+    return relative_error(*(torch.cat([t.flatten() for t in output_tensors(output)]) for output in (actual, expected)))
 
 
 def int8_weights(weight: torch.Tensor) -> torch.Tensor:
@@ -123,9 +120,9 @@ def layer_sensitivity(network: nn.Module, layers: Sequence[str], ranges: dict[st
         rows = []
         for name in layers:
             with simulated_int8(network, [name], [], ranges):
-                weights_error = relative_error(network(images), reference)
+                weights_error = output_error(network(images), reference)
             with simulated_int8(network, [], [name], ranges):
-                input_error = relative_error(network(images), reference)
+                input_error = output_error(network(images), reference)
             rows.append({"layer": name, "weights_error": weights_error, "input_error": input_error,
                          "diagonal_ratio": diagonal_ratio(modules[name])})
     return rows
@@ -189,10 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = layer_sensitivity(network, layers, ranges, images)
     csv_path = args.csv or ROOT / "benchmarks" / "results" / f"int8_sensitivity_{args.task}_{args.backbone}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["layer", "weights_error", "input_error", "diagonal_ratio"])
-        writer.writeheader()
-        writer.writerows([{key: _cell(value) for key, value in row.items()} for row in rows])
+    write_csv([{key: _cell(value) for key, value in row.items()} for row in rows], csv_path)
     ranked = sorted(rows, key=lambda row: -(row["weights_error"] ** 2 + row["input_error"] ** 2))
     print(f"Per layer, alone in int8 ({csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path}):\n")
     print("| layer | output error, int8 weights | output error, int8 input | diagonal / off-diagonal |\n| --- | --- | --- | --- |")
@@ -203,12 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     if square:
         print(f"\nSquare 1x1 convolutions: median |diagonal| / median |off-diagonal| from {min(square):.1f} to {max(square):.1f} ({len(square)} layers)")
 
-    metric = f"val/{SETTINGS[args.task].metric}"
+    setting = SETTINGS[args.task]
+    names = [setting.metric, *setting.extra_metrics]
+    keys = [f"val/{name}" for name in names]
     with torch.no_grad():
         reference = network(images)
         with simulated_int8(network, layers, layers, ranges):
-            simulated = relative_error(network(images), reference)
-    float_metric = validation_metrics(model, datamodule, network)[metric]
+            simulated = output_error(network(images), reference)
+    float_metrics = validation_metrics(model, datamodule, network)
     onnx_bytes = to_onnx_bytes(network, images[:2], getattr(model, "export_dynamic_image_size", False))
     sensitive = [row["layer"] for row in ranked[: args.float_layers]]
     remedies = [
@@ -219,13 +215,14 @@ def main(argv: list[str] | None = None) -> None:
         (f"the {args.float_layers} most sensitive layers float32", "minmax", sensitive),
     ]
     print(f"\nSimulated, every layer int8 at once: output error {simulated:.3f}\n")
-    print(f"| INT8 onnxruntime file | {SETTINGS[args.task].metric} | vs float32 | output error |\n| --- | --- | --- | --- |")
-    print(f"| float32 (fused) | {100 * float_metric:.1f} | | |")
+    print(f"| INT8 onnxruntime file | {' | '.join(f'{name} (vs float32)' for name in names)} | output error |")
+    print(f"| --- | {' | '.join('---' for _ in names)} | --- |")
+    print(f"| float32 (fused) | {' | '.join(f'{100 * float_metrics[key]:.1f}' for key in keys)} | |")
     for label, method, float_modules in remedies:
         quantized = OnnxRuntimeNetwork(quantize_onnx(onnx_bytes, calibration, method, quantized_modules, float_modules=float_modules))
-        value = validation_metrics(model, datamodule, quantized)[metric]
-        print(f"| {label} | {100 * value:.1f} | {100 * (value - float_metric):+.1f} | {relative_error(quantized(images), reference):.3f} |",
-              flush=True)
+        metrics = validation_metrics(model, datamodule, quantized)
+        cells = [f"{100 * metrics[key]:.1f} ({100 * (metrics[key] - float_metrics[key]):+.1f})" for key in keys]
+        print(f"| {label} | {' | '.join(cells)} | {output_error(quantized(images), reference):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

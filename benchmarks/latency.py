@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ from backbones.atomic import atomic_write_file
 from backbones.export import FORBIDDEN_ONNX_OPS, fold_batchnorm_
 from backbones.runtimes import ExecuTorchNetwork, quantize_onnx, to_executorch
 from benchmarks.machine import describe_machine
-from benchmarks.timing import median_and_quartiles, time_ms
+from benchmarks.timing import median_and_quartiles, time_ms, write_csv
 
 PEERS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 # ImageNet top-1 for the plot: the paper's Table for MobileOne; torchvision's own documented
@@ -310,18 +309,6 @@ def plot(rows: list[dict], path: str, backend: str, title: str) -> None:
     figure.tight_layout()
     atomic_write_file(path, lambda temporary: figure.savefig(temporary, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(figure)
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    """All rows, one per model x backend x batch size (written atomically: ``backbones.atomic``)."""
-
-    def write(temporary: Path) -> None:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write_file(path, write)
 
 
 def main() -> None:

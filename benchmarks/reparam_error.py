@@ -22,7 +22,8 @@ import platform
 import torch
 
 from backbones import mobileone, reparameterize_model
-from backbones.testing import randomize_batchnorm, relative_error
+from backbones.export import relative_error
+from backbones.testing import randomize_batchnorm
 
 VARIANTS = ("s0", "s1", "s2", "s3", "s4")
 PAPER_PARAMS_M = {"s0": 2.08, "s1": 4.76, "s2": 7.81, "s3": 10.08, "s4": 14.84}

@@ -1,12 +1,17 @@
-"""Timing one call (wall clock on the CPU, CUDA events on a GPU) and summarising repeated timings."""
+"""Timing one call (wall clock on the CPU, CUDA events on a GPU), summarising repeated timings,
+and writing the rows of a benchmark to CSV."""
 
 from __future__ import annotations
 
+import csv
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from backbones.atomic import atomic_write_file
 
 
 def time_ms(call: Callable[[], object], device: str) -> float:
@@ -30,3 +35,15 @@ def median_and_quartiles(values: list[float]) -> tuple[float, float, float]:
         return values[0], values[0], values[0]
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return statistics.median(values), q1, q3
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file with a header, written atomically (``backbones.atomic``)."""
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write_file(path, write)

@@ -32,9 +32,8 @@ import torchvision
 from torch import nn
 
 from backbones import mobileone
-from benchmarks.latency import write_csv
 from benchmarks.machine import describe_machine
-from benchmarks.timing import median_and_quartiles, time_ms
+from benchmarks.timing import median_and_quartiles, time_ms, write_csv
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 

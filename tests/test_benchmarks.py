@@ -43,7 +43,8 @@ def test_backend_names_parse_into_what_they_say():
 
 
 def test_latency_rows_tables_csv_and_plot(tmp_path):
-    from benchmarks.latency import markdown, measure, plot, write_csv
+    from benchmarks.latency import markdown, measure, plot
+    from benchmarks.timing import write_csv
 
     rows = measure(["s0"], ["eager", "ort-1"], batch_sizes=[1, 2], rounds=3, warmup=1, threads=1, peers=False)
     assert {(r["model"], r["backend"], r["batch"]) for r in rows} == {

@@ -16,7 +16,8 @@ from backbones.runtimes import ExecuTorchNetwork
 from backbones.testing import relative_error
 from deployment import needs_executorch, with_data_batchnorm
 from tasks.classification.__main__ import ClassificationCLI, main
-from tasks.classification.data import CorruptImageError, ImageFolderDataModule, make_demo_dataset
+from tasks.classification.data import ImageFolderDataModule, make_demo_dataset
+from tasks.common.data import CorruptImageError
 from tasks.classification.module import ImageClassificationTask
 from tasks.common.callbacks import CosineWeightDecay, ProgressiveResolution
 

@@ -60,7 +60,7 @@ class _BakedBatch(torch.nn.Module):
         return x.mean((2, 3)).reshape(int(x.shape[0]), -1)
 
 
-def test_export_network_checks_torchscript_before_writing(tmp_path, monkeypatch):
+def test_fuse_and_export_checks_torchscript_before_writing(tmp_path, monkeypatch):
     """The trace's error is measured and recorded; above the tolerance nothing is written."""
     import json
 
@@ -68,7 +68,7 @@ def test_export_network_checks_torchscript_before_writing(tmp_path, monkeypatch)
 
     network = randomize_batchnorm(mobileone("s0", num_classes=4))
     x = torch.randn(2, 3, 32, 32)
-    result = export.export_network(network, x, tmp_path / "ok", {"task": "test"}, onnx=False, torchscript=True)
+    result = export.fuse_and_export(network, x, tmp_path / "ok", {"task": "test"}, onnx=False, torchscript=True)
     assert result["torchscript_vs_pytorch_relative_error"] < 1e-6
     metadata = json.loads((tmp_path / "ok" / "model.json").read_text())
     assert metadata["torchscript_vs_pytorch_relative_error"] == result["torchscript_vs_pytorch_relative_error"]
@@ -88,7 +88,7 @@ def test_export_network_checks_torchscript_before_writing(tmp_path, monkeypatch)
     real = export.to_torchscript
     monkeypatch.setattr(export, "to_torchscript", lambda *a, **k: Perturbed(real(*a, **k)))
     with pytest.raises(RuntimeError, match=r"TorchScript.*1\.000e-03 > 1e-05.*nothing was written"):
-        export.export_network(network, x, tmp_path / "bad", {}, onnx=True, torchscript=True)
+        export.fuse_and_export(network, x, tmp_path / "bad", {}, onnx=True, torchscript=True)
     assert not (tmp_path / "bad").exists()
 
 
@@ -97,11 +97,11 @@ def test_export_reports_agreement_with_its_count_and_none_on_too_few(tmp_path):
 
     network = randomize_batchnorm(mobileone("s0", num_classes=4))
     x = torch.randn(12, 3, 32, 32)
-    result = export.export_network(network, x, tmp_path / "images", {}, onnx=False)
+    result = export.fuse_and_export(network, x, tmp_path / "images", {}, onnx=False)
     assert result["fused_vs_unfused_agreement"] == 1.0 and result["fused_vs_unfused_agreement_count"] == 12
-    few = export.export_network(network, x[:3], tmp_path / "few", {}, onnx=False)
+    few = export.fuse_and_export(network, x[:3], tmp_path / "few", {}, onnx=False)
     assert few["fused_vs_unfused_agreement"] is None and few["fused_vs_unfused_agreement_count"] == 3
-    half = export.export_network(network, x, tmp_path / "half", {}, onnx=False, agreement=lambda fused, trained: (6, 12))
+    half = export.fuse_and_export(network, x, tmp_path / "half", {}, onnx=False, agreement=lambda fused, trained: (6, 12))
     assert half["fused_vs_unfused_agreement"] == 0.5
 
 
@@ -127,16 +127,16 @@ def test_coreml_needs_the_extra_and_a_fixed_size(monkeypatch, tmp_path):
     import sys
 
     from backbones import fuse_for_deployment, to_coreml
-    from tasks.common.export import export_network
+    from tasks.common.export import fuse_and_export
 
     network = randomize_batchnorm(mobileone("s0", num_classes=4))
     monkeypatch.setitem(sys.modules, "coremltools", None)  # makes ``import coremltools`` fail
     with pytest.raises(ImportError, match=r'pip install -e "\.\[coreml\]"'):
         to_coreml(fuse_for_deployment(network), torch.randn(1, 3, 32, 32))
     with pytest.raises(ImportError, match=r"coreml"):
-        export_network(network, torch.randn(2, 3, 32, 32), tmp_path / "a", {}, onnx=False, coreml=True)
+        fuse_and_export(network, torch.randn(2, 3, 32, 32), tmp_path / "a", {}, onnx=False, coreml=True)
     with pytest.raises(ValueError, match=r"coreml_image_size"):
-        export_network(network, torch.randn(2, 3, 32, 32), tmp_path / "b", {}, onnx=False, coreml=True, dynamic_image_size=True)
+        fuse_and_export(network, torch.randn(2, 3, 32, 32), tmp_path / "b", {}, onnx=False, coreml=True, dynamic_image_size=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

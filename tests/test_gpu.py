@@ -99,11 +99,11 @@ def test_detection_trains_channels_last_bf16_on_cuda(tmp_path):
 
 
 def test_export_of_a_cuda_model_is_checked_on_cpu(tmp_path):
-    from tasks.common.export import export_network
+    from tasks.common.export import fuse_and_export
 
     model = mobileone("s0", num_classes=5)
     randomize_batchnorm(model)
-    report = export_network(model.cuda(), torch.randn(2, 3, 64, 64, device="cuda"), tmp_path, {"variant": "s0"})
+    report = fuse_and_export(model.cuda(), torch.randn(2, 3, 64, 64, device="cuda"), tmp_path, {"variant": "s0"})
     assert report["fused_vs_unfused_relative_error"] < 1e-5
     assert report["onnx_vs_pytorch_relative_error"] < 1e-5
     assert next(model.parameters()).is_cuda, "exporting does not move the caller's model"

@@ -31,14 +31,7 @@ from tasks.common.data import (
     write_dataset_atomically,
 )
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "CorruptImageError",
-    "ImageFolderDataModule",
-    "make_demo_dataset",
-    "read_image",
-]
+__all__ = ["ImageFolderDataModule", "make_demo_dataset"]
 
 DEMO_CLASSES = ("circle", "cross", "square", "stripes", "triangle")
 

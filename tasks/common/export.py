@@ -22,7 +22,7 @@ from backbones.export import (
     coreml_op_types, fuse_for_deployment, output_tensors, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript,
 )
 from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, quantize_onnx, to_executorch
-from backbones.testing import relative_error
+from backbones.export import relative_error
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _argmax_agreement(actual: Any, expected: Any) -> tuple[int, int]:
     return same, total
 
 
-def export_network(
+def fuse_and_export(
     network: nn.Module,
     example_inputs: torch.Tensor,
     output_dir: str | os.PathLike,
@@ -570,7 +570,7 @@ def export_task(
         def evaluate(network: nn.Module) -> dict[str, float]:
             return validation_metrics(model, datamodule, network, validation_batches)
 
-    result = export_network(
+    result = fuse_and_export(
         model.export_network(), inputs, output, model.export_metadata(datamodule), onnx, torchscript, tolerance,
         dynamic_image_size=getattr(model, "export_dynamic_image_size", False),
         agreement=getattr(model, "export_agreement", None),

@@ -16,6 +16,7 @@ from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.ops.misc import Conv2dNormActivation
 
 from tasks.common.backbones import feature_extractor
+from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "ANCHOR_MAX_SIZES",
@@ -103,8 +104,8 @@ def ssdlite_mobileone(
     detections_per_img: int = 200,
     topk_candidates: int = 1000,
     iou_thresh: float = 0.5,
-    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
-    image_std: Sequence[float] = (0.229, 0.224, 0.225),
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
     backbone: str = "mobileone",
 ) -> SSD:
     """SSDLite-MobileOne as a torchvision ``SSD`` (``num_classes`` includes background at index 0).
