@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| checkpoint | val loss / top-1, running statistics as saved | after recomputing them on {args.batches} training batches |")
     print("| --- | --- | --- |")
     for path in args.checkpoints:
-        network = ImageClassificationTask.load_from_checkpoint(path, map_location="cpu").network
+        network = ImageClassificationTask.load_from_checkpoint(path, map_location="cpu").model
         torch.manual_seed(0)
         cells = [evaluate(net, data.val_dataloader()) for net in (network, recalibrated(network, data.train_dataloader(), args.batches))]
         print(f"| `{path}` | " + " | ".join(f"{loss:.4g} / {100 * top1:.1f}%" for loss, top1 in cells) + " |", flush=True)

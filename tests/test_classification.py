@@ -56,7 +56,16 @@ def test_fit_writes_checkpoint_with_classes(trained):
     assert checkpoint["epoch"] == 0
     assert checkpoint["hyper_parameters"]["num_classes"] == 5
     assert checkpoint["hyper_parameters"]["class_names"] == CLASSES
-    assert checkpoint["state_dict"]["network.linear.weight"].shape == (5, 1024)
+    assert checkpoint["state_dict"]["model.linear.weight"].shape == (5, 1024)
+
+
+def test_checkpoint_of_the_classifier_under_its_former_name_loads(trained, tmp_path):
+    """Checkpoints written before the classifier was named ``model`` hold ``network.*`` keys."""
+    checkpoint = torch.load(last_checkpoint(trained), map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = {key.replace("model.", "network.", 1): value for key, value in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, tmp_path / "former.ckpt")
+    task = ImageClassificationTask.load_from_checkpoint(tmp_path / "former.ckpt", map_location="cpu")
+    assert torch.equal(task.model.linear.weight, checkpoint["state_dict"]["network.linear.weight"])
 
 
 def test_resume_with_ckpt_path_last(image_root, tmp_path):
@@ -97,7 +106,7 @@ def test_export_writes_checked_fused_model(image_root, trained, tmp_path):
 
     checkpoint = torch.load(last_checkpoint(trained), map_location="cpu", weights_only=False)
     trained_net = mobileone("s0", num_classes=5)
-    trained_net.load_state_dict({k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items()})
+    trained_net.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()})
     fused = mobileone("s0", num_classes=5, inference_mode=True)
     fused.load_state_dict(torch.load(out / "model_fused.pt", weights_only=True))
     x = torch.randn(2, 3, 32, 32)
@@ -125,10 +134,10 @@ def test_apple_weights_in_both_forms(image_root, tmp_path):
 
     for name, fused in [("mobileone_s0_unfused.pth.tar", False), ("mobileone_s0.pth.tar", True)]:
         task = ImageClassificationTask("s0", num_classes=5, weights=str(tmp_path / name))
-        assert task.network.inference_mode == fused
+        assert task.model.inference_mode == fused
         x = torch.randn(1, 3, 32, 32)
         with torch.no_grad():
-            assert relative_error(task.network.eval()(x), unfused.eval()(x)) < 1e-5
+            assert relative_error(task.model.eval()(x), unfused.eval()(x)) < 1e-5
         run("validate", image_root, tmp_path, f"--model.weights={tmp_path / name}")
 
 
@@ -248,13 +257,13 @@ def test_ema_weights_are_checkpointed_and_exported(image_root, tmp_path):
     run("fit", image_root, tmp_path, "--trainer.max_steps=3",
         "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay=0.5")
     checkpoint = torch.load(last_checkpoint(tmp_path), map_location="cpu", weights_only=False)
-    key = "network.stage1.0.rbr_conv.0.conv.weight"
+    key = "model.stage1.0.rbr_conv.0.conv.weight"
     assert not torch.equal(checkpoint["state_dict"][key], checkpoint["current_model_state"][key])
 
     out = tmp_path / "exported"
     run("export", image_root, tmp_path, f"--ckpt_path={last_checkpoint(tmp_path)}", f"--output={out}", "--onnx=false")
     ema = mobileone("s0", num_classes=5)
-    ema.load_state_dict({k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items()})
+    ema.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()})
     exported = torch.load(out / "model_fused.pt", weights_only=True)
     expected = reparameterize_model(ema).state_dict()
     assert all(torch.allclose(exported[k], expected[k], rtol=1e-5, atol=1e-6) for k in expected)
@@ -263,7 +272,7 @@ def test_ema_weights_are_checkpointed_and_exported(image_root, tmp_path):
 
 @needs_executorch
 def test_export_to_int8_and_executorch_is_checked_on_the_validation_set(image_root, trained, tmp_path):
-    checkpoint = with_data_batchnorm(last_checkpoint(trained), ImageClassificationTask, lambda task: task.network, 32, tmp_path / "settled.ckpt")
+    checkpoint = with_data_batchnorm(last_checkpoint(trained), ImageClassificationTask, lambda task: task.model, 32, tmp_path / "settled.ckpt")
     out = tmp_path / "exported"
     run("export", image_root, tmp_path, f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true", "--executorch=true",
         "--calibration_images=12")
@@ -292,6 +301,6 @@ def test_export_to_int8_and_executorch_is_checked_on_the_validation_set(image_ro
     data = ImageFolderDataModule(root=str(image_root), batch_size=4, num_workers=0, image_size=32, eval_resize=36, eval_image_size=32)
     images = torch.cat(list(task.export_batches(data)))
     with torch.no_grad():
-        expected = reparameterize_model(task.network)(images)
+        expected = reparameterize_model(task.model)(images)
     int8_pte = ExecuTorchNetwork((out / "model.int8.pte").read_bytes())(images)
     assert relative_error(int8_pte, expected) == pytest.approx(deployed["model.int8.pte"]["vs_float32"]["relative_error"], rel=1e-3)

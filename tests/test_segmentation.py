@@ -314,7 +314,7 @@ def test_every_shipped_config_runs(config, voc_root, tmp_path, monkeypatch, appl
 def test_head_learning_rate_and_poly_schedule(voc_root):
     import lightning.pytorch as pl
 
-    from tasks.segmentation.module import poly_schedule
+    from tasks.common.optim import warmup_poly
 
     data = VOCSegmentation(str(voc_root), demo=True, batch_size=2, val_batch_size=2, num_workers=0, crop_size=32)
     task = SemanticSegmentationTask("s0", num_classes=4, output_stride=16, aspp_channels=16, lr=0.01, head_lr_multiplier=10)
@@ -327,7 +327,7 @@ def test_head_learning_rate_and_poly_schedule(voc_root):
         in_backbone = {id(p) in backbone for p in group["params"]}
         assert len(in_backbone) == 1
         assert group["initial_lr"] == pytest.approx(0.01 * 2 / 16 * (1 if in_backbone.pop() else 10))
-    factor = poly_schedule(total_steps=100, power=0.9, warmup_steps=10)
+    factor = warmup_poly(total_steps=100, power=0.9, warmup_steps=10)
     assert factor(0) == pytest.approx(0.1) and factor(10) == 1.0 and factor(100) == 0.0
     assert factor(55) == pytest.approx(0.5**0.9)
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,15 +15,15 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.common.backbones import backbone_name, classifier_network
-from tasks.common.export import atomic_write, same_size_images, split_loader
-from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin, replaced_submodule
-from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
+from tasks.common.export import atomic_write
+from tasks.common.module import BaseTask
+from tasks.common.optim import warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
 
 log = logging.getLogger(__name__)
 
 
-class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
+class ImageClassificationTask(BaseTask):
     """MobileOne classifier trained with the paper's recipe (SGD, cosine, label smoothing).
 
     Args:
@@ -73,7 +72,8 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.network: nn.Module = classifier_network(backbone, variant, num_classes, weights, backbone_kwargs)
+        self.model: nn.Module = classifier_network(backbone, variant, num_classes, weights, backbone_kwargs)
+        self.register_load_state_dict_pre_hook(_keys_of_network_as_model)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         # top-5 accuracy only where it can be below 1 (more than 5 classes)
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
@@ -82,7 +82,7 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.uses_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.network(images)
+        return self.model(images)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every sample of the batch was an unreadable image (skip_corrupt)
@@ -94,7 +94,7 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
         self.log("train/acc1", (logits.argmax(1) == labels).float().mean())
         return loss
 
-    def _evaluate(self, batch: Any, prefix: str) -> None:
+    def evaluate(self, batch: Any, prefix: str) -> None:
         if batch is None:
             return
         images, labels = batch
@@ -106,12 +106,6 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
         if self.val_acc5 is not None:
             self.val_acc5(logits, labels)
             self.log(f"{prefix}/acc5", self.val_acc5)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
         if batch is None:  # every image of the batch was unreadable (skip_corrupt): no rows
@@ -125,43 +119,12 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
             for path, indices, scores in zip(paths, top.indices, top.values)
         ]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        trainer = self.trainer
-        global_batch = global_batch_size(trainer, self.hparams.reference_batch_size)
-        lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
-        optimizer = torch.optim.SGD(
-            parameter_groups(self.network, self.hparams.weight_decay),
-            lr=lr,
-            momentum=self.hparams.momentum,
-            nesterov=self.hparams.nesterov,
-        )
-        total_steps = training_steps(trainer)
-        steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            warmup_cosine(total_steps, int(self.hparams.warmup_epochs * steps_per_epoch), self.hparams.min_lr_ratio),
-        )
-        log.info("SGD lr %.4g for a global batch of %d (%.4g per %d)", lr, global_batch, self.hparams.lr, self.hparams.reference_batch_size)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    def lr_schedule(self, total_steps: int, steps_per_epoch: float) -> Callable[[int], float]:
+        return warmup_cosine(total_steps, int(self.hparams.warmup_epochs * steps_per_epoch), self.hparams.min_lr_ratio)
 
     # export (see tasks.common.export.export_task)
     validation_metric = "val/acc1"
-
-    def export_network(self) -> nn.Module:
-        return self.network
-
-    def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
-        """Batches of preprocessed images of the ``"validate"`` or the (augmented) ``"fit"`` split."""
-        for batch in split_loader(datamodule, split):
-            if batch is not None:  # None: every image of the batch was unreadable (skip_corrupt)
-                yield batch[0]
-
-    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 32) -> torch.Tensor:
-        return same_size_images(self.export_batches(datamodule), count)
-
-    def validating_with(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
-        """Validation runs ``network`` (images -> logits) instead of the trained classifier."""
-        return replaced_submodule(self, "network", network)
+    export_check_images = 32
 
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         data = datamodule.hparams if datamodule is not None else {}
@@ -181,6 +144,13 @@ class ImageClassificationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Lightn
             "input": "images: float32 (N, 3, H, W), RGB scaled to [0, 1], then (x - mean) / std",
             "output": "logits: float32 (N, num_classes)",
         }
+
+
+def _keys_of_network_as_model(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before the classifier was named ``model`` hold it under ``network.``."""
+    old = prefix + "network."
+    for key in [key for key in state_dict if key.startswith(old)]:
+        state_dict[prefix + "model." + key[len(old):]] = state_dict.pop(key)
 
 
 class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):

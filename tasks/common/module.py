@@ -1,18 +1,21 @@
-"""Behaviour the tasks' LightningModules share."""
+"""The tasks' shared LightningModule base, ``BaseTask``, and the behaviour it is made of."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from tasks.common.export import same_size_images, split_loader
+from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps
 from tasks.common.sampling import world_size_and_rank
 
 log = logging.getLogger(__name__)
@@ -110,3 +113,110 @@ def replaced_submodule(module: nn.Module, name: str, replacement: nn.Module) -> 
         yield
     finally:
         setattr(module, name, original)
+
+
+class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
+    """What every task shares; a task adds its network (``self.model``), its loss, its metrics and
+    the description of its exported files.
+
+    A task sets ``self.model`` (the trained network) in ``__init__`` and saves its hyperparameters,
+    which include ``lr`` (for ``reference_batch_size`` images per step), ``reference_batch_size``,
+    ``momentum``, ``weight_decay`` and ``channels_last``, and implements:
+
+    - ``training_step``;
+    - ``evaluate(batch, prefix)``: update the metrics with one validation or test batch
+      (``prefix`` is ``"val"`` or ``"test"``), and optionally ``log_epoch_metrics(prefix)`` at the
+      end of the epoch (``final_evaluation`` says when to log a result table);
+    - ``lr_schedule(total_steps, steps_per_epoch)``: the learning-rate multiplier per optimizer
+      step, and optionally ``parameter_groups(lr)`` (default: ``self.model``'s parameters, no
+      weight decay on BatchNorm parameters and biases);
+    - the export protocol of ``tasks.common.export.export_task``: ``validation_metric``,
+      ``export_metadata(datamodule)``, and where the defaults do not fit, ``export_network()``
+      (default ``self.model``), ``export_images(batch)`` (default ``batch[0]``),
+      ``deployed_model(network)`` (what validation runs for an exported ``network``; default the
+      network itself) and ``export_check_images``.
+
+    The optimizer is SGD with the linear scaling rule (``tasks.common.optim``), stepped per
+    optimizer step.
+    """
+
+    model: nn.Module
+    validation_metric: str  # the metric an export quotes, e.g. "val/acc1"
+    export_check_images = 8  # validation images the export compares the fused and trained networks on
+
+    # optimization
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (``lr`` is the group default, already scaled)."""
+        return parameter_groups(self.model, self.hparams.weight_decay)
+
+    def lr_schedule(self, total_steps: int, steps_per_epoch: float) -> Callable[[int], float]:
+        raise NotImplementedError(f"{type(self).__name__} defines no lr_schedule")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainer = self.trainer
+        global_batch = global_batch_size(trainer, self.hparams.reference_batch_size)
+        lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
+        optimizer = torch.optim.SGD(self.parameter_groups(lr), lr=lr, momentum=self.hparams.momentum,
+                                    nesterov=self.hparams.get("nesterov", False))
+        total_steps = training_steps(trainer)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule(total_steps, total_steps / max(1, trainer.max_epochs or 1)))
+        rates = sorted({group["lr"] for group in optimizer.param_groups})
+        log.info("SGD lr %s for a global batch of %d (%.4g per %d images)", " / ".join(f"{rate:.4g}" for rate in rates),
+                 global_batch, self.hparams.lr, self.hparams.reference_batch_size)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # evaluation
+    def evaluate(self, batch: Any, prefix: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} defines no evaluate")
+
+    def log_epoch_metrics(self, prefix: str) -> None:
+        """Compute and log the epoch's metrics (for metrics that are not logged per step)."""
+
+    @property
+    def final_evaluation(self) -> bool:
+        """Whether this is the end of a ``validate`` or ``test`` run on the main process (not a
+        sanity check, not validation during ``fit``): the moment to log a result table."""
+        trainer = self.trainer
+        return trainer.state.fn in ("validate", "test") and trainer.is_global_zero and not trainer.sanity_checking
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_metrics("test")
+
+    # export (see tasks.common.export.export_task)
+    def export_network(self) -> nn.Module:
+        """The network to fuse and export: preprocessed images in, tensors out."""
+        return self.model
+
+    def export_images(self, batch: Any) -> torch.Tensor:
+        """A data-module batch as the exported network takes it."""
+        return batch[0]
+
+    def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
+        """Batches of the ``"validate"`` or the (augmented) ``"fit"`` split, as the exported network takes them."""
+        for batch in split_loader(datamodule, split):
+            if batch is not None:  # None: every image of the batch was unreadable (skip_corrupt)
+                yield self.export_images(batch)
+
+    def export_inputs(self, datamodule: pl.LightningDataModule | None) -> torch.Tensor:
+        """The ``export_check_images`` validation images (of the first batch's size) the export is checked on."""
+        return same_size_images(self.export_batches(datamodule), self.export_check_images)
+
+    def deployed_model(self, network: nn.Module) -> nn.Module:
+        """What stands in for ``self.model`` when validation runs an exported ``network``."""
+        return network
+
+    def validating_with(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """A context in which validation runs ``network`` (an exported file's runner) instead of ``self.model``."""
+        return replaced_submodule(self, "model", self.deployed_model(network))
+
+    def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} defines no export_metadata")

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["global_batch_size", "parameter_groups", "scaled_learning_rate", "training_steps", "warmup_cosine"]
+__all__ = [
+    "global_batch_size", "parameter_groups", "scaled_learning_rate", "training_steps", "warmup_cosine", "warmup_poly", "warmup_then",
+]
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
@@ -60,14 +62,24 @@ def training_steps(trainer) -> int:
     return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier for ``LambdaLR``: linear warm-up from ~0, then cosine from 1 to ``min_ratio``."""
+def warmup_then(decay: Callable[[float], float], total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
+    """LR multiplier for ``LambdaLR``: linear warm-up from ~0 over ``warmup_steps``, then
+    ``decay(progress)`` with progress going from 0 to 1 over the remaining steps."""
     total_steps = max(1, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return decay(min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
     return factor
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Linear warm-up, then cosine from 1 to ``min_ratio``."""
+    return warmup_then(lambda progress: min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)), total_steps, warmup_steps)
+
+
+def warmup_poly(total_steps: int, power: float, warmup_steps: int = 0) -> Callable[[int], float]:
+    """Linear warm-up, then ``(1 - progress) ** power`` (DeepLab's "poly")."""
+    return warmup_then(lambda progress: (1.0 - progress) ** power, total_steps, warmup_steps)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,9 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.utils import draw_bounding_boxes
 
 from tasks.common.backbones import backbone_name
-from tasks.common.export import atomic_write, same_size_images, split_loader
-from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin, replaced_submodule
-from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps, warmup_cosine
+from tasks.common.export import atomic_write
+from tasks.common.module import BaseTask
+from tasks.common.optim import warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
 from tasks.detection.coco_eval import CocoEvaluation
 from tasks.detection.ssdlite import SSDRawOutputs, ssdlite_mobileone
@@ -57,7 +56,7 @@ def coco_table(results: dict[str, torch.Tensor]) -> str:
     return "\n".join(lines)
 
 
-class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
+class ObjectDetectionTask(BaseTask):
     """SSDLite-MobileOne trained with SSD's loss, evaluated with COCO mAP.
 
     Args:
@@ -117,7 +116,7 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
         self.log("train/loss_cls", losses["classification"], batch_size=len(images))
         return loss
 
-    def _evaluate(self, batch: Any) -> None:
+    def evaluate(self, batch: Any, prefix: str) -> None:
         images, targets = batch
         detections = self.model(images)
         self.val_map.update(
@@ -125,42 +124,23 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
             [{k: t[k] for k in ("boxes", "labels", "iscrowd", "area", "image_id")} for t in targets],
         )
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def _log_epoch(self, prefix: str) -> None:
+    def log_epoch_metrics(self, prefix: str) -> None:
         results = self.val_map.compute()
         self.val_map.reset()
         for key, name in LOGGED.items():
             if key in SIZE_KEYS and float(results[key]) < 0:  # COCO's -1: no ground truth of that size, not a value
                 continue
             self.log(f"{prefix}/{name}", float(results[key]), prog_bar=key == "map")
-        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        if self.final_evaluation:
             log.info("%s", coco_table(results))
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
         images, infos = batch
         detections = self.model(images)
         return [{"path": info["path"], **{k: v.cpu() for k, v in d.items()}} for info, d in zip(infos, detections)]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        trainer = self.trainer
-        global_batch = global_batch_size(trainer, self.hparams.reference_batch_size)
-        lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
-        optimizer = torch.optim.SGD(parameter_groups(self.model, self.hparams.weight_decay), lr=lr, momentum=self.hparams.momentum)
-        total_steps = training_steps(trainer)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, min(self.hparams.warmup_iters, total_steps // 2)))
-        log.info("SGD lr %.4g for a global batch of %d", lr, global_batch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    def lr_schedule(self, total_steps: int, steps_per_epoch: float) -> Callable[[int], float]:
+        return warmup_cosine(total_steps, min(self.hparams.warmup_iters, total_steps // 2))
 
     # export (see tasks.common.export.export_task)
     validation_metric = "val/mAP"
@@ -175,20 +155,14 @@ class ObjectDetectionTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningM
         """Images (RGB in [0, 1], any sizes) as the exported network takes them."""
         return export_form(images, self.hparams.image_size, self.model.transform.image_mean, self.model.transform.image_std)
 
-    def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
-        """Batches of the ``"validate"`` or the (augmented) ``"fit"`` split in ``export_form``."""
-        for images, _ in split_loader(datamodule, split):
-            yield self.export_form(images)
+    def export_images(self, batch: Any) -> torch.Tensor:
+        return self.export_form(batch[0])
 
-    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 8) -> torch.Tensor:
-        return same_size_images(self.export_batches(datamodule), count)
-
-    def validating_with(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
-        """Validation runs ``network`` (``SSDRawOutputs``' inputs and outputs) followed by the
-        post-processing ``export_metadata`` documents, instead of the trained SSD."""
-        deployed = DeployedDetector(network, self._postprocess, self.hparams.image_size, self.hparams.score_thresh,
-                                    self.model.transform.image_mean, self.model.transform.image_std)
-        return replaced_submodule(self, "model", deployed)
+    def deployed_model(self, network: nn.Module) -> nn.Module:
+        """``network`` (``SSDRawOutputs``' inputs and outputs) followed by the post-processing
+        ``export_metadata`` documents, taking and returning what the trained SSD does."""
+        return DeployedDetector(network, self._postprocess, self.hparams.image_size, self.hparams.score_thresh,
+                                self.model.transform.image_mean, self.model.transform.image_std)
 
     def export_agreement(self, fused: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
         """(detections of the trained model that the fused model reproduces, detections of the

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tasks.common.backbones import backbone_name
-from tasks.common.export import atomic_write, same_size_images, split_loader
-from tasks.common.module import ChannelsLastMixin, CheckpointStateMixin, replaced_submodule
-from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps
+from tasks.common.export import atomic_write
+from tasks.common.module import BaseTask
+from tasks.common.optim import parameter_groups, warmup_poly
 from tasks.common.sampling import gather_on_rank_zero
 from tasks.segmentation.data import voc_palette
 from tasks.segmentation.deeplabv3 import DeepLabV3, DeepLabV3Logits, LogitsAsDeepLabV3Outputs
@@ -42,19 +41,7 @@ def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, float, fl
     return iou, miou, accuracy
 
 
-def poly_schedule(total_steps: int, power: float, warmup_steps: int = 0) -> Any:
-    """LR multiplier: linear warm-up, then ``(1 - progress) ** power`` (DeepLab's "poly")."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return (1.0 - progress) ** power
-
-    return factor
-
-
-class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
+class SemanticSegmentationTask(BaseTask):
     """DeepLabV3-MobileOne trained with cross-entropy (+ auxiliary FCN loss), evaluated by mIoU.
 
     Args:
@@ -122,18 +109,12 @@ class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Light
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch: Any) -> None:
+    def evaluate(self, batch: Any, prefix: str) -> None:
         images, masks = batch
         logits = self(images)["out"]
         self.confusion.update(logits.argmax(1), masks)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def _log_epoch(self, prefix: str) -> None:
+    def log_epoch_metrics(self, prefix: str) -> None:
         iou, miou, accuracy = iou_from_confusion(self.confusion.compute())
         self.confusion.reset()
         self.log(f"{prefix}/mIoU", miou, prog_bar=True)
@@ -142,19 +123,13 @@ class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Light
         for name, value in zip(names, iou.tolist()):
             if value == value:  # classes absent from targets and predictions have no IoU
                 self.log(f"{prefix}/IoU/{name}", value)
-        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        if self.final_evaluation:
             width = max(len(n) for n in names)
             rows = [f"{'class':<{width}}  IoU"] + [
                 f"{name:<{width}}  {'   n/a' if value != value else f'{100 * value:6.2f}'}" for name, value in zip(names, iou.tolist())
             ]
             rows.append(f"{'mIoU':<{width}}  {100 * miou:6.2f}   pixel accuracy {100 * accuracy:.2f}")
             log.info("%s", "\n".join(rows))
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
         images, infos = batch
@@ -166,20 +141,14 @@ class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Light
             results.append({"path": info["path"], "mask": logits.argmax(0).to(torch.uint8).cpu().numpy()})
         return results
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        trainer = self.trainer
-        global_batch = global_batch_size(trainer, self.hparams.reference_batch_size)
-        lr = scaled_learning_rate(self.hparams.lr, global_batch, self.hparams.reference_batch_size)
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The backbone at ``lr``, the heads at ``head_lr_multiplier`` times it."""
         heads = nn.ModuleList([m for m in (self.model.head, self.model.aux_head) if m is not None])
         groups = parameter_groups(self.model.backbone, self.hparams.weight_decay)
-        for group in parameter_groups(heads, self.hparams.weight_decay):
-            groups.append({**group, "lr": lr * self.hparams.head_lr_multiplier})
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=self.hparams.momentum)
-        total_steps = training_steps(trainer)
-        warmup = int(self.hparams.warmup_epochs * total_steps / max(1, trainer.max_epochs or 1))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_steps, self.hparams.poly_power, warmup))
-        log.info("SGD: backbone lr %.4g, heads %.4g, global batch %d", lr, lr * self.hparams.head_lr_multiplier, global_batch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return groups + [{**group, "lr": lr * self.hparams.head_lr_multiplier} for group in parameter_groups(heads, self.hparams.weight_decay)]
+
+    def lr_schedule(self, total_steps: int, steps_per_epoch: float) -> Callable[[int], float]:
+        return warmup_poly(total_steps, self.hparams.poly_power, int(self.hparams.warmup_epochs * steps_per_epoch))
 
     # export (see tasks.common.export.export_task)
     validation_metric = "val/mIoU"
@@ -189,17 +158,11 @@ class SemanticSegmentationTask(CheckpointStateMixin, ChannelsLastMixin, pl.Light
         model.aux_head = None
         return DeepLabV3Logits(model)
 
-    def export_batches(self, datamodule: pl.LightningDataModule | None, split: str = "validate") -> Iterator[torch.Tensor]:
-        """Batches of preprocessed images of the ``"validate"`` split or the (augmented, cropped) ``"fit"`` split."""
-        for images, _ in split_loader(datamodule, split):
-            yield images
+    export_check_images = 4
 
-    def export_inputs(self, datamodule: pl.LightningDataModule | None, count: int = 4) -> torch.Tensor:
-        return same_size_images(self.export_batches(datamodule), count)
-
-    def validating_with(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
-        """Validation runs ``network`` (images -> logits) instead of the trained DeepLabV3."""
-        return replaced_submodule(self, "model", LogitsAsDeepLabV3Outputs(network))
+    def deployed_model(self, network: nn.Module) -> nn.Module:
+        """``network`` (images -> logits) with DeepLabV3's output dict."""
+        return LogitsAsDeepLabV3Outputs(network)
 
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         return {
