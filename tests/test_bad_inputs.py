@@ -19,9 +19,9 @@ from torchvision.transforms import v2
 
 from tasks.classification.data import ImageFolderDataModule, make_demo_dataset
 from tasks.classification.module import ImageClassificationTask
-from tasks.common.data import CorruptImageError, read_image
-from tasks.detection.data import COCODetection, CocoAnnotations, FolderImages, InvalidAnnotationError
-from tasks.segmentation.data import FolderSegmentation, ImagesOnly
+from tasks.common.data import CorruptImageError, PredictImages, read_image
+from tasks.detection.data import COCODetection, CocoAnnotations, InvalidAnnotationError
+from tasks.segmentation.data import FolderSegmentation
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -222,17 +222,17 @@ def test_every_predict_dataset_reads_deep_images_as_8bit(tmp_path):
     segmentation = FolderSegmentation(str(folder), str(folder), num_classes=2, predict_dir=str(folder), num_workers=0)
     segmentation.setup("predict")
     datasets = {
-        "classification": (classification.predict_dataset, classification.eval_transform(), lambda sample: sample[1]),
-        "segmentation": (segmentation.predict_dataset, segmentation.eval_transform(), lambda sample: sample[1]["path"]),
-        "detection": (FolderImages(folder), lambda image: v2.functional.to_dtype(image, torch.float32, scale=True),
-                      lambda sample: sample[1]["path"]),
+        "classification": (classification.predict_dataset, classification.eval_transform()),
+        "segmentation": (segmentation.predict_dataset, segmentation.eval_transform()),
+        "detection": (PredictImages(folder, v2.ToDtype(torch.float32, scale=True)),  # what COCODetection reads predict_dir with
+                      lambda image: v2.functional.to_dtype(image, torch.float32, scale=True)),
     }
-    assert isinstance(segmentation.predict_dataset, ImagesOnly)
-    for task, (dataset, transform, path_of) in datasets.items():
-        assert len(dataset) == len(expected), task
+    for task, (dataset, transform) in datasets.items():
+        assert isinstance(dataset, PredictImages) and len(dataset) == len(expected), task
         for index in range(len(dataset)):
             sample = dataset[index]
-            name = Path(path_of(sample)).name
+            name = Path(sample[1]["path"]).name
+            assert sample[1]["size"] == expected[name].shape[:2] and sample[1]["input_size"] == tuple(sample[0].shape[-2:]), (task, name)
             want = transform(tv_tensors.Image(torch.from_numpy(expected[name].copy()).permute(2, 0, 1))).as_subclass(torch.Tensor)
             assert torch.equal(sample[0], want), (task, name)
 

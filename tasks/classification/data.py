@@ -24,7 +24,9 @@ from tasks.common.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    PredictImages,
     SkippedFiles,
+    collate_predict_batch,
     list_images,
     make_loader,
     read_image,
@@ -115,21 +117,6 @@ class LabelledImages(Dataset):
         path, label = self.samples[index]
         image = self.read(path)
         return None if image is None else (image, label)
-
-
-class UnlabelledImages(LabelledImages):
-    """All images under a directory, for ``predict``: yields (image, path), or None for an
-    unreadable image with ``skip_corrupt`` (reported, left out of the predictions)."""
-
-    def __init__(self, directory: Path, transform: nn.Module, skip_corrupt: bool = False) -> None:
-        self.paths = list_images(directory)
-        if not self.paths:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under predict_dir {directory}")
-        super().__init__([(path, -1) for path in self.paths], transform, skip_corrupt, source=str(directory))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
-        image = self.read(self.paths[index])
-        return None if image is None else (image, str(self.paths[index]))
 
 
 def collate_skipping_missing(batch: list) -> object:
@@ -303,7 +290,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if stage == "predict":
             if self.hparams.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images to classify")
-            self.predict_dataset = UnlabelledImages(Path(self.hparams.predict_dir), self.eval_transform(), skip)
+            self.predict_dataset = PredictImages(self.hparams.predict_dir, self.eval_transform(), skip)
         trainer = self.trainer
         if skip and trainer is not None and not any(isinstance(c, ReportSkippedImages) and c.datamodule is self for c in trainer.callbacks):
             trainer.callbacks.append(ReportSkippedImages(self))
@@ -330,7 +317,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        collate = collate_skipping_missing if hp.skip_corrupt else None
+        collate = collate_predict_batch if isinstance(dataset, PredictImages) else collate_skipping_missing if hp.skip_corrupt else None
         return make_loader(dataset, self.batch_size, shuffle, hp.num_workers, hp.pin_memory, hp.persistent_workers, collate,
                            trainer=self.trainer)
 

@@ -110,13 +110,13 @@ class ImageClassificationTask(BaseTask):
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
         if batch is None:  # every image of the batch was unreadable (skip_corrupt): no rows
             return []
-        images, paths = batch
+        images, infos = batch
         probabilities = self(images).float().softmax(dim=1)
         top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
         names = self.hparams.class_names or [str(i) for i in range(probabilities.shape[1])]
         return [
             {"path": path, "top5": [(names[i], float(p)) for i, p in zip(indices.tolist(), scores.tolist())]}
-            for path, indices, scores in zip(paths, top.indices, top.values)
+            for path, indices, scores in zip((info["path"] for info in infos), top.indices, top.values)
         ]
 
     def lr_schedule(self, total_steps: int, steps_per_epoch: float) -> Callable[[int], float]:

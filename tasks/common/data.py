@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from backbones.atomic import atomic_write_dir
@@ -24,7 +26,9 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "CorruptImageError",
+    "PredictImages",
     "SkippedFiles",
+    "collate_predict_batch",
     "list_images",
     "make_loader",
     "read_image",
@@ -157,6 +161,51 @@ def list_images(directory: Path) -> list[Path]:
         for name in names
         if name.lower().endswith(IMAGE_EXTENSIONS)
     )
+
+
+class PredictImages(Dataset):
+    """Every image under ``directory`` (recursively, sorted), for ``predict``: samples
+    ``(transform(image), {"path", "size": the image's (H, W), "input_size": the transformed (H, W)})``.
+
+    ``transform`` takes ``read_image``'s uint8 RGB tensor as a ``tv_tensors.Image``. An unreadable image raises
+    ``CorruptImageError`` naming it, or with ``skip_corrupt`` gives None (counted in ``skipped``,
+    with a warning), which ``collate_predict_batch`` leaves out.
+    """
+
+    def __init__(self, directory: str | os.PathLike, transform: Callable[[torch.Tensor], torch.Tensor], skip_corrupt: bool = False) -> None:
+        self.source = str(directory)
+        self.paths = list_images(Path(directory))
+        if not self.paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under predict_dir {directory}")
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+        self.skipped = SkippedFiles() if skip_corrupt else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        path = self.paths[index]
+        try:
+            image = read_image(path)
+        except CorruptImageError as error:
+            if not self.skip_corrupt:
+                raise
+            self.skipped.add(path)
+            warnings.warn(f"skipped 1 unreadable image (skip_corrupt; the total follows at the end of predict): {error}")
+            return None
+        transformed = self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+        return transformed, {"path": str(path), "size": tuple(image.shape[-2:]), "input_size": tuple(transformed.shape[-2:])}
+
+
+def collate_predict_batch(batch: list) -> tuple[torch.Tensor, list[dict[str, Any]]] | None:
+    """``PredictImages`` samples of one size as (images stacked, their info dicts); samples that
+    were skipped (None) left out, None if none is left."""
+    batch = [sample for sample in batch if sample is not None]
+    if not batch:
+        return None
+    images, infos = zip(*batch)
+    return torch.stack(images), list(infos)
 
 
 def write_dataset_atomically(root: str | os.PathLike, write: Callable[[Path], None]) -> Path:

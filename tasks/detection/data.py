@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks.common.data import list_images, make_loader, read_image, write_dataset_atomically
+from tasks.common.data import PredictImages, make_loader, read_image, write_dataset_atomically
 from tasks.detection.formats import (
     VOC_LAYOUT,
     YOLO_LAYOUT,
@@ -314,22 +314,6 @@ class CocoImages(Dataset):
             )
 
 
-class FolderImages(Dataset):
-    """Images of a directory for ``predict``: (image float [0, 1], {"path"})."""
-
-    def __init__(self, directory: Path) -> None:
-        self.paths = list_images(directory)
-        if not self.paths:
-            raise FileNotFoundError(f"no images under predict_dir {directory}")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, str]]:
-        image = v2.functional.to_dtype(read_image(self.paths[index]), torch.float32, scale=True)
-        return image, {"path": str(self.paths[index])}
-
-
 def collate_lists(batch: list) -> tuple[list, list]:
     """Detection batches stay lists: images differ in size and targets in box count."""
     images, targets = zip(*batch)
@@ -519,7 +503,7 @@ class COCODetection(pl.LightningDataModule):
         if stage == "predict":
             if self.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images")
-            self.predict_dataset = FolderImages(Path(self.predict_dir))
+            self.predict_dataset = PredictImages(self.predict_dir, v2.ToDtype(torch.float32, scale=True))
 
     def annotations(self, split: Literal["train", "val"]) -> CocoAnnotations:
         """The training or validation annotations, read in any ``format`` and checked."""

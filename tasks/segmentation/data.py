@@ -22,6 +22,7 @@ from tasks.common.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    PredictImages,
     list_images,
     make_loader,
     read_image,
@@ -128,25 +129,6 @@ class SegmentationPairs(Dataset):
         image, labels = self.load(index)
         image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(labels))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-
-
-class ImagesOnly(Dataset):
-    """Images of a directory for ``predict``: (image, {"path", "size": original (H, W), "input_size":
-    the transformed image's (H, W)})."""
-
-    def __init__(self, directory: Path, transform: v2.Transform) -> None:
-        self.paths = list_images(directory)
-        if not self.paths:
-            raise FileNotFoundError(f"no images under predict_dir {directory}")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image = read_image(self.paths[index])
-        transformed = self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
-        return transformed, {"path": str(self.paths[index]), "size": tuple(image.shape[-2:]), "input_size": tuple(transformed.shape[-2:])}
 
 
 class RandomScale(v2.Transform):
@@ -267,7 +249,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if stage == "predict":
             if self.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images to segment")
-            self.predict_dataset = ImagesOnly(Path(self.predict_dir), self.eval_transform())
+            self.predict_dataset = PredictImages(self.predict_dir, self.eval_transform())
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return make_loader(
