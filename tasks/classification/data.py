@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import multiprocessing
 import os
 import random
@@ -32,6 +31,7 @@ from tasks.common.data import (
     read_image,
     write_dataset_atomically,
 )
+from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 
 __all__ = ["ImageFolderDataModule", "make_demo_dataset"]
 
@@ -341,29 +341,11 @@ def _draw_demo_image(shape: str, size: int, rng: random.Random, hue: float) -> I
     grey = rng.randint(30, 220)
     image = Image.new("RGB", (size, size), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.randint(5, 15)):  # clutter: small random dots
-        x, y, r = rng.randint(0, size), rng.randint(0, size), rng.randint(1, size // 24 + 1)
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    red, green, blue = colorsys.hsv_to_rgb((hue + rng.uniform(-0.04, 0.04)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
-    colour = (int(red * 255), int(green * 255), int(blue * 255))
+    draw_clutter(draw, rng, size, (5, 15), size // 24 + 1)
+    colour = jittered_colour(rng, hue, 0.6)
     extent = rng.uniform(0.35, 0.7) * size
     cx, cy = rng.uniform(extent / 2, size - extent / 2), rng.uniform(extent / 2, size - extent / 2)
-    left, top, right, bottom = cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2
-    width = max(2, int(extent / 6))
-    if shape == "circle":
-        draw.ellipse((left, top, right, bottom), fill=colour)
-    elif shape == "square":
-        draw.rectangle((left, top, right, bottom), fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, top), (right, bottom), (left, bottom)], fill=colour)
-    elif shape == "cross":
-        draw.line((left, top, right, bottom), fill=colour, width=width)
-        draw.line((left, bottom, right, top), fill=colour, width=width)
-    elif shape == "stripes":
-        for offset in range(0, int(extent), 2 * width):
-            draw.rectangle((left, top + offset, right, top + offset + width - 1), fill=colour)
-    else:
-        raise ValueError(f"unknown demo shape {shape!r}")
+    draw_shape(draw, shape, (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2), colour, line_width=max(2, int(extent / 6)))
     return image
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from tasks.common.data import PredictImages, make_loader, read_image, write_dataset_atomically
+from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 from tasks.detection.formats import (
     VOC_LAYOUT,
     YOLO_LAYOUT,
@@ -557,23 +557,14 @@ def make_demo_coco(root: str | os.PathLike, train_images: int = 240, val_images:
         noise = np.random.default_rng(rng.randint(0, 2**31)).integers(0, 50, (size, size, 3), dtype=np.uint8)
         image = Image.fromarray((noise + np.array([rng.randint(40, 180) for _ in range(3)], dtype=np.uint8)).clip(0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(image)
-        for _ in range(rng.randint(4, 10)):  # clutter
-            x, y, r = rng.randint(0, size), rng.randint(0, size), rng.randint(1, 4)
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        draw_clutter(draw, rng, size, (4, 10), 4)
         boxes = []
         for _ in range(objects):
             category = rng.choice(DEMO_CATEGORIES)
-            hue = (category["id"] - 1) / len(DEMO_CATEGORIES) + rng.uniform(-0.04, 0.04)
-            colour = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)))
+            colour = jittered_colour(rng, (category["id"] - 1) / len(DEMO_CATEGORIES), 0.7)
             extent = rng.uniform(0.25, 0.5) * size
             x1, y1 = rng.uniform(0, size - extent), rng.uniform(0, size - extent)
-            x2, y2 = x1 + extent, y1 + extent
-            if category["name"] == "circle":
-                draw.ellipse((x1, y1, x2, y2), fill=colour)
-            elif category["name"] == "square":
-                draw.rectangle((x1, y1, x2, y2), fill=colour)
-            else:
-                draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=colour)
+            draw_shape(draw, category["name"], (x1, y1, x1 + extent, y1 + extent), colour)
             boxes.append({"category_id": category["id"], "bbox": [round(x1, 2), round(y1, 2), round(extent, 2), round(extent, 2)]})
         return image, boxes
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import json
 import os
 import random
@@ -28,6 +27,7 @@ from tasks.common.data import (
     read_image,
     write_dataset_atomically,
 )
+from tasks.common.demo import draw_shape, jittered_colour
 
 __all__ = [
     "ADE20K",
@@ -443,18 +443,12 @@ def make_demo_voc(root: str | os.PathLike, train_images: int = 160, val_images: 
                 draw_image, draw_mask = ImageDraw.Draw(image), ImageDraw.Draw(mask)
                 for _ in range(rng.randint(1, 3)):
                     label = rng.randint(1, len(DEMO_CLASSES) - 1)
-                    hue = (label - 1) / (len(DEMO_CLASSES) - 1) + rng.uniform(-0.04, 0.04)
-                    rgb = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)))
+                    rgb = jittered_colour(rng, (label - 1) / (len(DEMO_CLASSES) - 1), 0.7)
                     extent = rng.uniform(0.2, 0.5) * size
                     cx, cy = rng.uniform(extent / 2, size - extent / 2), rng.uniform(extent / 2, size - extent / 2)
                     box = (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2)
-                    for draw, fill, outline in ((draw_image, rgb, None), (draw_mask, label, 255)):
-                        if DEMO_CLASSES[label] == "circle":
-                            draw.ellipse(box, fill=fill, outline=outline)
-                        elif DEMO_CLASSES[label] == "square":
-                            draw.rectangle(box, fill=fill, outline=outline)
-                        else:
-                            draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill, outline=outline)
+                    draw_shape(draw_image, DEMO_CLASSES[label], box, rgb)
+                    draw_shape(draw_mask, DEMO_CLASSES[label], box, label, outline=255)
                 image.save(voc / "JPEGImages" / f"{image_id}.jpg", quality=92)
                 mask.save(voc / "SegmentationClass" / f"{image_id}.png")
                 ids.append(image_id)
