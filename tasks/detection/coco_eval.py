@@ -9,11 +9,35 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-__all__ = ["COCO_KEYS", "CocoEvaluation"]
+__all__ = ["COCO_KEYS", "COCO_STATS", "LOGGED_NAMES", "CocoEvaluation", "coco_table"]
 
-# COCOeval.stats, in order, under torchmetrics' MeanAveragePrecision names
-COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
-             "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
+# COCOeval.stats, in order: torchmetrics' MeanAveragePrecision name, the name the task logs (None:
+# not logged), and the line COCOeval.summarize() prints for it (kind, IoU, area, maxDets).
+COCO_STATS = (
+    ("map", "mAP", "Average Precision", "0.50:0.95", "all", 100),
+    ("map_50", "mAP_50", "Average Precision", "0.50", "all", 100),
+    ("map_75", "mAP_75", "Average Precision", "0.75", "all", 100),
+    ("map_small", "mAP_small", "Average Precision", "0.50:0.95", "small", 100),
+    ("map_medium", "mAP_medium", "Average Precision", "0.50:0.95", "medium", 100),
+    ("map_large", "mAP_large", "Average Precision", "0.50:0.95", "large", 100),
+    ("mar_1", None, "Average Recall", "0.50:0.95", "all", 1),
+    ("mar_10", None, "Average Recall", "0.50:0.95", "all", 10),
+    ("mar_100", None, "Average Recall", "0.50:0.95", "all", 100),
+    ("mar_small", None, "Average Recall", "0.50:0.95", "small", 100),
+    ("mar_medium", None, "Average Recall", "0.50:0.95", "medium", 100),
+    ("mar_large", None, "Average Recall", "0.50:0.95", "large", 100),
+)
+COCO_KEYS = tuple(key for key, *_ in COCO_STATS)
+LOGGED_NAMES = {key: logged for key, logged, *_ in COCO_STATS if logged is not None}
+
+
+def coco_table(results: dict[str, torch.Tensor]) -> str:
+    """The 12 lines of pycocotools' ``COCOeval.summarize()`` for ``CocoEvaluation``'s results."""
+    lines = []
+    for key, _, kind, iou, area, max_dets in COCO_STATS:
+        short = "(AP)" if kind.startswith("Average P") else "(AR)"
+        lines.append(f" {kind:<18} {short} @[ IoU={iou:<9} | area={area:>6} | maxDets={max_dets:>3} ] = {float(results[key]):0.3f}")
+    return "\n".join(lines)
 
 
 class CocoEvaluation(Metric):

@@ -23,37 +23,13 @@ from tasks.common.export import atomic_write
 from tasks.common.module import BaseTask
 from tasks.common.optim import warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
-from tasks.detection.coco_eval import CocoEvaluation
+from tasks.detection.coco_eval import LOGGED_NAMES, CocoEvaluation, coco_table
 from tasks.detection.ssdlite import SSDRawOutputs, ssdlite_mobileone
 
 log = logging.getLogger(__name__)
 
-COCO_SUMMARY = (
-    ("map", "Average Precision", "0.50:0.95", "all", 100),
-    ("map_50", "Average Precision", "0.50", "all", 100),
-    ("map_75", "Average Precision", "0.75", "all", 100),
-    ("map_small", "Average Precision", "0.50:0.95", "small", 100),
-    ("map_medium", "Average Precision", "0.50:0.95", "medium", 100),
-    ("map_large", "Average Precision", "0.50:0.95", "large", 100),
-    ("mar_1", "Average Recall", "0.50:0.95", "all", 1),
-    ("mar_10", "Average Recall", "0.50:0.95", "all", 10),
-    ("mar_100", "Average Recall", "0.50:0.95", "all", 100),
-    ("mar_small", "Average Recall", "0.50:0.95", "small", 100),
-    ("mar_medium", "Average Recall", "0.50:0.95", "medium", 100),
-    ("mar_large", "Average Recall", "0.50:0.95", "large", 100),
-)
-LOGGED = {"map": "mAP", "map_50": "mAP_50", "map_75": "mAP_75", "map_small": "mAP_small", "map_medium": "mAP_medium", "map_large": "mAP_large"}
 SIZE_KEYS = ("map_small", "map_medium", "map_large")
 TOPK_CANDIDATES = 1000  # best anchors per class kept before NMS (torchvision's SSD default)
-
-
-def coco_table(results: dict[str, torch.Tensor]) -> str:
-    """The 12 lines of pycocotools' ``COCOeval.summarize()``."""
-    lines = []
-    for key, kind, iou, area, max_dets in COCO_SUMMARY:
-        short = "(AP)" if kind.startswith("Average P") else "(AR)"
-        lines.append(f" {kind:<18} {short} @[ IoU={iou:<9} | area={area:>6} | maxDets={max_dets:>3} ] = {float(results[key]):0.3f}")
-    return "\n".join(lines)
 
 
 class ObjectDetectionTask(BaseTask):
@@ -127,7 +103,7 @@ class ObjectDetectionTask(BaseTask):
     def log_epoch_metrics(self, prefix: str) -> None:
         results = self.val_map.compute()
         self.val_map.reset()
-        for key, name in LOGGED.items():
+        for key, name in LOGGED_NAMES.items():
             if key in SIZE_KEYS and float(results[key]) < 0:  # COCO's -1: no ground truth of that size, not a value
                 continue
             self.log(f"{prefix}/{name}", float(results[key]), prog_bar=key == "map")
