@@ -201,3 +201,17 @@ class _First(torch.nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return features[0]
+
+
+def test_export_on_fit_end_passes_any_export_option_and_names_unknown_ones(monkeypatch):
+    from types import SimpleNamespace
+
+    from tasks.common import callbacks
+
+    with pytest.raises(ValueError, match=r"unknown export option\(s\) \['int9'\]; expected some of \[.*'int8'"):
+        callbacks.ExportOnFitEnd(options={"int9": True})
+    calls = []
+    monkeypatch.setattr(callbacks, "export_task", lambda module, datamodule, output, **options: calls.append((output, options)))
+    callback = callbacks.ExportOnFitEnd("out", torchscript=True, options={"int8": True, "calibration_images": 16})
+    callback.on_fit_end(SimpleNamespace(is_global_zero=True, interrupted=False, datamodule=None), None)
+    assert calls == [("out", {"int8": True, "calibration_images": 16, "onnx": True, "torchscript": True, "tolerance": 1e-5})]

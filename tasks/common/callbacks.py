@@ -3,6 +3,7 @@ progressive resolution, export at the end of fit."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -15,6 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from tasks.common.export import export_task
 
 __all__ = ["CosineWeightDecay", "ExportOnFitEnd", "ProgressiveResolution", "TaskCheckpoint"]
+
+# the keyword options of export_task (those of the export subcommand)
+EXPORT_OPTIONS = tuple(name for name, p in inspect.signature(export_task).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
 
 class TaskCheckpoint(ModelCheckpoint):
@@ -142,14 +146,23 @@ class ProgressiveResolution(pl.Callback):
 
 
 class ExportOnFitEnd(pl.Callback):
-    """Run the task's ``export`` at the end of ``fit`` (with EMA, from the averaged weights)."""
+    """Run the task's ``export`` at the end of ``fit`` (with EMA, from the averaged weights).
 
-    def __init__(self, output: str = "exported", onnx: bool = True, torchscript: bool = False, tolerance: float = 1e-5) -> None:
+    Args:
+        output: the export folder (replaced as a whole).
+        onnx / torchscript / tolerance: as the ``export`` subcommand's options.
+        options: any other options of the ``export`` subcommand, e.g. ``{int8: true, executorch:
+            true, calibration_images: 128}`` (see ``python -m tasks.<task> export --help``).
+    """
+
+    def __init__(self, output: str = "exported", onnx: bool = True, torchscript: bool = False, tolerance: float = 1e-5,
+                 options: dict[str, Any] | None = None) -> None:
+        unknown = sorted(set(options or {}) - set(EXPORT_OPTIONS))
+        if unknown:
+            raise ValueError(f"ExportOnFitEnd: unknown export option(s) {unknown}; expected some of {list(EXPORT_OPTIONS)}")
         self.output = output
-        self.onnx = onnx
-        self.torchscript = torchscript
-        self.tolerance = tolerance
+        self.options = {**(options or {}), "onnx": onnx, "torchscript": torchscript, "tolerance": tolerance}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.interrupted:
-            export_task(pl_module, trainer.datamodule, self.output, onnx=self.onnx, torchscript=self.torchscript, tolerance=self.tolerance)
+            export_task(pl_module, trainer.datamodule, self.output, **self.options)
