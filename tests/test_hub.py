@@ -3,7 +3,6 @@
 import collections
 import hashlib
 import io
-import shutil
 import socket
 import sys
 import threading

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 from torchvision.transforms import v2
 
+from backbones.atomic import atomic_write_dir
 from tasks.common.data import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
@@ -29,7 +30,6 @@ from tasks.common.data import (
     list_images,
     make_loader,
     read_image,
-    write_dataset_atomically,
 )
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 
@@ -374,4 +374,4 @@ def make_demo_dataset(
                 for index in range(count):
                     _draw_demo_image(name, size, rng, hue).save(scratch / split / name / f"{index:05d}.jpg", quality=90)
 
-    return write_dataset_atomically(root, write)
+    return atomic_write_dir(Path(root), write)  # an interrupted generation leaves nothing at root

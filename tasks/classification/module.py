@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,8 +15,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from backbones.atomic import atomic_write_file
 from tasks.common.backbones import backbone_name, classifier_network
-from tasks.common.export import atomic_write
 from tasks.common.module import BaseTask
 from tasks.common.optim import warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
@@ -171,12 +172,12 @@ class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):
         k = max((len(row["top5"]) for row in rows), default=0)
         header = ["path"] + [f"{field}{i}" for i in range(1, k + 1) for field in ("class", "probability")]
 
-        def write(path: str) -> None:
+        def write(path: Path) -> None:
             with open(path, "w", newline="") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(header)
                 for row in rows:
                     writer.writerow([row["path"]] + [v for name, p in row["top5"] for v in (name, f"{p:.6f}")])
 
-        atomic_write(self.output, write)
+        atomic_write_file(self.output, write)
         log.info("wrote top-%d predictions for %d images to %s", k, len(rows), self.output)

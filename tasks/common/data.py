@@ -18,7 +18,6 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from backbones.atomic import atomic_write_dir
 from tasks.common.sampling import SeededDataset, SeededShuffleSampler, evaluation_sampler, global_seed, training_position
 
 __all__ = [
@@ -32,7 +31,6 @@ __all__ = [
     "list_images",
     "make_loader",
     "read_image",
-    "write_dataset_atomically",
 ]
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's. They stay the first
@@ -206,15 +204,6 @@ def collate_predict_batch(batch: list) -> tuple[torch.Tensor, list[dict[str, Any
         return None
     images, infos = zip(*batch)
     return torch.stack(images), list(infos)
-
-
-def write_dataset_atomically(root: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(scratch_dir)`` and rename the scratch directory to ``root``.
-
-    An interrupted generation never leaves a half-written dataset at ``root``. ``root`` may exist
-    only as an empty directory.
-    """
-    return atomic_write_dir(Path(root), write)
 
 
 def make_loader(

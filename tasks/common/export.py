@@ -17,12 +17,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from backbones.atomic import atomic_write_dir, atomic_write_file, check_replaceable
+from backbones.atomic import atomic_write_dir, check_replaceable
 from backbones.export import (
-    coreml_op_types, fuse_for_deployment, output_tensors, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript,
+    coreml_op_types, fuse_for_deployment, output_tensors, relative_error, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript,
 )
 from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, quantize_onnx, to_executorch
-from backbones.export import relative_error
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +37,6 @@ EXECUTORCH_INT8_FILE = "model.int8.pte"
 EXPORT_FILES = frozenset(
     {FUSED_WEIGHTS, METADATA, ONNX_FILE, TORCHSCRIPT_FILE, COREML_FILE, ONNX_INT8_FILE, EXECUTORCH_FILE, EXECUTORCH_INT8_FILE}
 )
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary_path)`` and rename the result to ``path``: ``path`` is never half-written.
-
-    ``backbones.atomic.atomic_write_file`` for writers that take a ``str`` (the file gets the umask's mode).
-    """
-    return atomic_write_file(path, lambda temporary: write(str(temporary)))
 
 
 def is_export_file(name: str) -> bool:
@@ -565,10 +556,8 @@ def export_task(
         started = time.perf_counter()
         calibration = first_images(model.export_batches(datamodule, "fit"), calibration_images)
         log.info("read %d training images for INT8 calibration (%.1f s)", _count(calibration), _since(started))
-    evaluate = None
-    if int8 or executorch:
-        def evaluate(network: nn.Module) -> dict[str, float]:
-            return validation_metrics(model, datamodule, network, validation_batches)
+    def evaluate(network: nn.Module) -> dict[str, float]:
+        return validation_metrics(model, datamodule, network, validation_batches)
 
     result = fuse_and_export(
         model.export_network(), inputs, output, model.export_metadata(datamodule), onnx, torchscript, tolerance,
@@ -582,7 +571,7 @@ def export_task(
         executorch=executorch,
         calibration=calibration,
         calibration_method=calibration_method,
-        evaluate=evaluate,
+        evaluate=evaluate if int8 or executorch else None,
         metric=model.validation_metric,
         quantized_modules=getattr(model, "export_quantized_modules", None),
         deployment_agreement=getattr(model, "deployment_agreement", None),

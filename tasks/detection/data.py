@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks.common.data import PredictImages, make_loader, read_image, write_dataset_atomically
+from backbones.atomic import atomic_write_dir
+from tasks.common.data import PredictImages, make_loader, read_image
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 from tasks.detection.formats import (
     VOC_LAYOUT,
@@ -587,4 +588,4 @@ def make_demo_coco(root: str | os.PathLike, train_images: int = 240, val_images:
             content = {"images": images, "annotations": annotations, "categories": list(DEMO_CATEGORIES)}
             (scratch / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(content))
 
-    return write_dataset_atomically(root, write)
+    return atomic_write_dir(Path(root), write)  # an interrupted generation leaves nothing at root

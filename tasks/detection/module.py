@@ -18,8 +18,8 @@ from torch import nn
 from torchvision.ops import batched_nms, box_iou
 from torchvision.utils import draw_bounding_boxes
 
+from backbones.atomic import atomic_write_file
 from tasks.common.backbones import backbone_name
-from tasks.common.export import atomic_write
 from tasks.common.module import BaseTask
 from tasks.common.optim import warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
@@ -283,13 +283,13 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
             buffer = io.BytesIO()
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=92)
             stem = Path(item["path"]).stem
-            atomic_write(Path(self.output_dir) / f"{stem}.jpg", lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
+            atomic_write_file(Path(self.output_dir) / f"{stem}.jpg", lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
         # each process drew its own images; the results of all go into one file, written by rank 0
         gathered = gather_on_rank_zero([(sum(len(batch) for batch in predictions), results)])
         if gathered is None:
             return
         results = [result for _, part in gathered for result in part]
         content = json.dumps(results)
-        atomic_write(Path(self.output_dir) / "detections.json", lambda p: Path(p).write_text(content))
+        atomic_write_file(Path(self.output_dir) / "detections.json", lambda p: Path(p).write_text(content))
         log.info("wrote %d detections for %d images to %s (detections.json, drawn <stem>.jpg)",
                  len(results), sum(images for images, _ in gathered), self.output_dir)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from backbones.atomic import atomic_write_dir
 from tasks.common.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,7 +26,6 @@ from tasks.common.data import (
     list_images,
     make_loader,
     read_image,
-    write_dataset_atomically,
 )
 from tasks.common.demo import draw_shape, jittered_colour
 
@@ -454,4 +454,4 @@ def make_demo_voc(root: str | os.PathLike, train_images: int = 160, val_images: 
                 ids.append(image_id)
             (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
 
-    return write_dataset_atomically(root, write)
+    return atomic_write_dir(Path(root), write)  # an interrupted generation leaves nothing at root

@@ -17,8 +17,8 @@ from PIL import Image
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from backbones.atomic import atomic_write_file
 from tasks.common.backbones import backbone_name
-from tasks.common.export import atomic_write
 from tasks.common.module import BaseTask
 from tasks.common.optim import parameter_groups, warmup_poly
 from tasks.common.sampling import gather_on_rank_zero
@@ -217,5 +217,5 @@ class MaskWriter(pl.callbacks.BasePredictionWriter):
             for name, picture, kind in ((f"{stem}.png", mask, "PNG"), (f"{stem}_overlay.jpg", overlay, "JPEG")):
                 buffer = io.BytesIO()
                 picture.save(buffer, format=kind)
-                atomic_write(Path(self.output_dir) / name, lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
+                atomic_write_file(Path(self.output_dir) / name, lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
             self.written += 1
