@@ -23,13 +23,12 @@ from tasks.common.data import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    CorruptImageError,
     PredictImages,
     SkippedFiles,
     collate_predict_batch,
     list_images,
     make_loader,
-    read_image,
+    read_image_or_skip,
 )
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 
@@ -103,15 +102,8 @@ class LabelledImages(Dataset):
 
     def read(self, path: Path) -> torch.Tensor | None:
         """The transformed image, or None (counted) for an unreadable one with ``skip_corrupt``."""
-        try:
-            image = read_image(path)
-        except CorruptImageError as error:
-            if not self.skip_corrupt:
-                raise
-            self.skipped.add(path)
-            warnings.warn(f"skipped 1 unreadable image (skip_corrupt; the total follows at the end of the epoch): {error}")
-            return None
-        return self.transform(image)
+        image = read_image_or_skip(path, self.skipped)
+        return None if image is None else self.transform(image)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.samples[index]

@@ -29,6 +29,7 @@ __all__ = [
     "SkippedFiles",
     "collate_predict_batch",
     "list_images",
+    "read_image_or_skip",
     "make_loader",
     "read_image",
 ]
@@ -161,6 +162,19 @@ def list_images(directory: Path) -> list[Path]:
     )
 
 
+def read_image_or_skip(path: str | os.PathLike, skipped: SkippedFiles | None) -> torch.Tensor | None:
+    """``read_image(path)``; with ``skipped`` (a dataset's ``skip_corrupt``) an unreadable image is
+    counted there, warned about, and gives None instead of raising ``CorruptImageError``."""
+    try:
+        return read_image(path)
+    except CorruptImageError as error:
+        if skipped is None:
+            raise
+        skipped.add(path)
+        warnings.warn(f"skipped 1 unreadable image (skip_corrupt; the total follows at the end of the epoch): {error}")
+        return None
+
+
 class PredictImages(Dataset):
     """Every image under ``directory`` (recursively, sorted), for ``predict``: samples
     ``(transform(image), {"path", "size": the image's (H, W), "input_size": the transformed (H, W)})``.
@@ -184,13 +198,8 @@ class PredictImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
         path = self.paths[index]
-        try:
-            image = read_image(path)
-        except CorruptImageError as error:
-            if not self.skip_corrupt:
-                raise
-            self.skipped.add(path)
-            warnings.warn(f"skipped 1 unreadable image (skip_corrupt; the total follows at the end of predict): {error}")
+        image = read_image_or_skip(path, self.skipped)
+        if image is None:
             return None
         transformed = self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
         return transformed, {"path": str(path), "size": tuple(image.shape[-2:]), "input_size": tuple(transformed.shape[-2:])}
