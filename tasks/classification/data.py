@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from backbones.atomic import atomic_write_dir
 from tasks.common.data import (
+    BaseDataModule,
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,7 +28,6 @@ from tasks.common.data import (
     SkippedFiles,
     collate_predict_batch,
     list_images,
-    make_loader,
     read_image_or_skip,
 )
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
@@ -141,7 +141,7 @@ class ReportSkippedImages(pl.Callback):
         self.datamodule.report_skipped("predict_dataset", "in predict (left out of the predictions)")
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(BaseDataModule):
     """ImageNet or any ImageFolder: ``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*``.
 
     Class names are the sorted directory names of the training split; ``num_classes`` and
@@ -192,7 +192,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.root = Path(root)
         self.train_split, self.val_split = train_split, val_split
-        self.batch_size = batch_size
+        self.batch_size = self.val_batch_size = batch_size
+        self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
         self._image_size = SharedImageSize(image_size)
         # set by ProgressiveResolution: the training size of an epoch, applied when a loader is built
         self.train_image_size_for_epoch: Callable[[int], int] | None = None
@@ -307,25 +308,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
         for dataset in ("train_dataset", "val_dataset", "test_dataset", "predict_dataset"):
             self.report_skipped(dataset, f"in {stage} (not yet reported)")
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        collate = collate_predict_batch if isinstance(dataset, PredictImages) else collate_skipping_missing if hp.skip_corrupt else None
-        return make_loader(dataset, self.batch_size, shuffle, hp.num_workers, hp.pin_memory, hp.persistent_workers, collate,
-                           trainer=self.trainer)
+    def collate_fn(self, dataset: Dataset) -> Callable | None:
+        if isinstance(dataset, PredictImages):
+            return collate_predict_batch
+        return collate_skipping_missing if self.hparams.skip_corrupt else None
 
     def train_dataloader(self) -> DataLoader:
         if self.train_image_size_for_epoch is not None and self.trainer is not None:
             self.train_image_size = self.train_image_size_for_epoch(self.trainer.current_epoch)
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, shuffle=False)
+        return super().train_dataloader()
 
 
 def _draw_demo_image(shape: str, size: int, rng: random.Random, hue: float) -> Image.Image:

@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 from tasks.common.sampling import SeededDataset, SeededShuffleSampler, evaluation_sampler, global_seed, training_position
 
 __all__ = [
+    "BaseDataModule",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
@@ -249,3 +250,41 @@ def make_loader(
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(global_seed()),
     )
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """The loaders every task's data module shares: one ``make_loader`` per split, ``batch_size``
+    for training and ``val_batch_size`` for validation, test and predict, the collate function
+    that ``collate_fn(dataset)`` gives (default: torch's). ``test`` evaluates ``test_dataset``
+    when ``setup`` made one, else the validation split.
+
+    A subclass sets ``batch_size``, ``val_batch_size``, ``num_workers``, ``pin_memory`` and
+    ``persistent_workers`` in ``__init__`` and ``train_dataset`` / ``val_dataset`` /
+    ``test_dataset`` / ``predict_dataset`` in ``setup``.
+    """
+
+    batch_size: int
+    val_batch_size: int
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
+
+    def collate_fn(self, dataset: Dataset) -> Callable | None:
+        return None
+
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.pin_memory, self.persistent_workers,
+                           self.collate_fn(dataset), trainer=self.trainer)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.val_dataset, self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        test = getattr(self, "test_dataset", None)
+        return self.loader(self.val_dataset if test is None else test, self.val_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader(self.predict_dataset, self.val_batch_size, shuffle=False)

@@ -9,20 +9,19 @@ import os
 import random
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from backbones.atomic import atomic_write_dir
-from tasks.common.data import PredictImages, make_loader, read_image
+from tasks.common.data import BaseDataModule, PredictImages, read_image
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 from tasks.detection.formats import (
     VOC_LAYOUT,
@@ -321,7 +320,7 @@ def collate_lists(batch: list) -> tuple[list, list]:
     return list(images), list(targets)
 
 
-class COCODetection(pl.LightningDataModule):
+class COCODetection(BaseDataModule):
     """Detection data in COCO, Pascal VOC or YOLO format (``format``), and the demo set.
 
     - ``coco``: COCO 2017 under ``root`` (``annotations/instances_{train,val}2017.json``,
@@ -531,21 +530,8 @@ class COCODetection(pl.LightningDataModule):
         coco = getattr(self, "val_coco", None) or CocoAnnotations(self.val_ann, self.val_images)
         return coco.label_to_category
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.pin_memory, self.persistent_workers, collate_lists,
-                           trainer=self.trainer)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, self.val_batch_size, shuffle=False)
+    def collate_fn(self, dataset: Dataset) -> Callable:
+        return collate_lists
 
 
 def make_demo_coco(root: str | os.PathLike, train_images: int = 240, val_images: int = 60, size: int = 160, seed: int = 0) -> Path:

@@ -5,26 +5,25 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from backbones.atomic import atomic_write_dir
 from tasks.common.data import (
+    BaseDataModule,
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
     PredictImages,
     list_images,
-    make_loader,
     read_image,
 )
 from tasks.common.demo import draw_shape, jittered_colour
@@ -164,7 +163,7 @@ def pad_collate(ignore_index: int):
     return collate
 
 
-class SegmentationDataModule(pl.LightningDataModule):
+class SegmentationDataModule(BaseDataModule):
     """Shared loading, augmentation and validation; subclasses say where the (image, mask) pairs are.
 
     Training: random scale (``scale_range``), random crop ``crop_size`` (padding images with 0 and
@@ -251,23 +250,8 @@ class SegmentationDataModule(pl.LightningDataModule):
                 raise ValueError("predict needs --data.predict_dir: a directory of images to segment")
             self.predict_dataset = PredictImages(self.predict_dir, self.eval_transform())
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return make_loader(
-            dataset, batch_size, shuffle, self.num_workers, self.pin_memory, self.persistent_workers,
-            pad_collate(self.ignore_index), trainer=self.trainer,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, self.val_batch_size, shuffle=False)
+    def collate_fn(self, dataset: Dataset) -> Callable:
+        return pad_collate(self.ignore_index)
 
 
 def _read_split_file(path: Path, layout: str) -> list[str]:
