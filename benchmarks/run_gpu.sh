@@ -17,7 +17,7 @@ step() {  # step SECONDS NAME COMMAND...: run, keep its output in $out/NAME.txt,
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 "$PYTHON" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
-step 130 gpu_tests "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
+step 130 gpu_tests "$PYTHON" -m pytest -m gpu -n 0 -q -p no:cacheprovider
 step 150 latency_eager "$PYTHON" -m benchmarks.latency --device cuda --variants s0 s1 s2 s3 s4 \
     --backends eager eager-fp16 eager-bf16 --batch-sizes 1 64 --rounds 30 \
     --csv "$out/latency_eager.csv" --plot "$out/figure1_cuda_fp16.png" --plot-backend eager-fp16

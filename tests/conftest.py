@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# pytest -n N (pytest-xdist): one intra-op thread per worker process, so that N workers share the
+# cores instead of each running as many threads as there are cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 VARIANT_NAMES = ["s0", "s1", "s2", "s3", "s4"]
 

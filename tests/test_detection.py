@@ -313,19 +313,18 @@ def test_train_max_size_shrinks_large_images_with_their_boxes():
     assert shrink(little).shape == (3, 50, 20), "smaller images are not enlarged"
 
 
-# With ExecuTorch the export lowers the detector twice (float32, INT8): about 100 s on 2 cores, hence slow.
-@pytest.mark.parametrize("executorch", [False, pytest.param(True, marks=[pytest.mark.slow, needs_executorch])])
-def test_export_to_int8_and_executorch_runs_the_deployed_post_processing(coco_root, trained, tmp_path, executorch):
+@needs_executorch
+def test_export_to_int8_and_executorch_runs_the_deployed_post_processing(coco_root, trained, tmp_path):
     """model.json's metrics of the fused detector come from the documented deployment (resize,
     normalize, network, post-processing, rescaling) and equal those of `validate`."""
     checkpoint = with_data_batchnorm(trained, ObjectDetectionTask, lambda task: task.export_network(), 128, tmp_path / "settled.ckpt")
     out = tmp_path / "exported"
     run("export", coco_root, tmp_path, f"--ckpt_path={checkpoint}", f"--output={out}", "--tolerance=1e-3", "--int8=true",
-        f"--executorch={str(executorch).lower()}", "--calibration_images=8")
+        "--executorch=true", "--calibration_images=8")
     metadata = json.loads((out / "model.json").read_text())
     deployed = metadata["deployed"]
-    int8_files = ["model.int8.onnx", "model.int8.pte"] if executorch else ["model.int8.onnx"]
-    assert sorted(deployed) == sorted(["model_fused.pt", *int8_files, *(["model.pte"] if executorch else [])])
+    int8_files = ["model.int8.onnx", "model.int8.pte"]
+    assert sorted(deployed) == sorted(["model_fused.pt", "model.pte", *int8_files])
 
     cli = DetectionCLI(ObjectDetectionTask, COCODetection, args=["validate", "--config", CONFIG, "--data.root", str(coco_root),
                                                                  "--trainer.default_root_dir", str(tmp_path), f"--ckpt_path={checkpoint}"])
@@ -334,9 +333,8 @@ def test_export_to_int8_and_executorch_runs_the_deployed_post_processing(coco_ro
     assert validated["val/mAP_50"] > 0, "a detector that finds something, or the comparison says nothing"
     for key in ("val/mAP", "val/mAP_50", "val/mAP_75"):
         assert fused[key] == pytest.approx(validated[key], abs=1e-4), key
-    if executorch:
-        assert metadata["executorch_vs_pytorch_relative_error"] < 1e-3
-        assert deployed["model.pte"]["vs_float32"]["agreement"] >= 0.99
+    assert metadata["executorch_vs_pytorch_relative_error"] < 1e-3
+    assert deployed["model.pte"]["vs_float32"]["agreement"] >= 0.99
     for name in int8_files:
         # a detector of 4 training steps is far from INT8-friendly (agreement 57% / 19% measured, against 0% for a
         # broken quantization): the cost on trained detectors is measured in benchmarks/RESULTS.md

@@ -332,19 +332,17 @@ def test_head_learning_rate_and_poly_schedule(voc_root):
     assert factor(55) == pytest.approx(0.5**0.9)
 
 
-# With ExecuTorch the export lowers the segmenter twice (float32, INT8): about 80 s on 2 cores, hence slow.
-@pytest.mark.parametrize("executorch", [False, pytest.param(True, marks=[pytest.mark.slow, needs_executorch])])
-def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, tmp_path, executorch):
+@needs_executorch
+def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, tmp_path):
     checkpoint = with_data_batchnorm(trained, SemanticSegmentationTask, lambda task: task.model, 64, tmp_path / "settled.ckpt")
     out = tmp_path / "exported"
     run("export", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true",
-        f"--executorch={str(executorch).lower()}", "--calibration_images=6", "--calibration_method=percentile")
+        "--executorch=true", "--calibration_images=6", "--calibration_method=percentile")
     metadata = json.loads((out / "model.json").read_text())
     assert metadata["int8_calibration"] == {"images": 6, "onnx_method": "percentile",
-                                            "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)" if executorch else None}
+                                            "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)"}
     deployed = metadata["deployed"]
-    int8_files = ["model.int8.onnx", "model.int8.pte"] if executorch else ["model.int8.onnx"]
-    for name in int8_files:
+    for name in ("model.int8.onnx", "model.int8.pte"):
         comparison = deployed[name]["vs_float32"]
         assert comparison["agreement_count"] == 3 * 64 * 64 and comparison["agreement"] >= 0.8 and comparison["relative_error"] < 0.4
 
@@ -354,12 +352,10 @@ def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, t
     x = torch.nn.functional.interpolate(images, size=(80, 48), mode="bilinear")  # another size than the validation images
     with torch.no_grad():
         expected = task.model(x)["out"]
-    runs = {"model.int8.onnx": (OnnxRuntimeNetwork, 0.4)}
-    if executorch:
-        assert deployed["model.pte"]["vs_float32"]["agreement"] > 0.999
-        assert deployed["model.pte"]["validation"]["val/mIoU"] == pytest.approx(deployed["model_fused.pt"]["validation"]["val/mIoU"])
-        # XNNPACK sums in another order than PyTorch: 7e-5 measured
-        runs.update({"model.pte": (ExecuTorchNetwork, 1e-4), "model.int8.pte": (ExecuTorchNetwork, 0.4)})
+    assert deployed["model.pte"]["vs_float32"]["agreement"] > 0.999
+    assert deployed["model.pte"]["validation"]["val/mIoU"] == pytest.approx(deployed["model_fused.pt"]["validation"]["val/mIoU"])
+    # XNNPACK sums in another order than PyTorch: 7e-5 measured
+    runs = {"model.int8.onnx": (OnnxRuntimeNetwork, 0.4), "model.pte": (ExecuTorchNetwork, 1e-4), "model.int8.pte": (ExecuTorchNetwork, 0.4)}
     for name, (runtime, bound) in runs.items():
         logits = runtime((out / name).read_bytes())(x)
         assert logits.shape == (len(x), 4, 80, 48) and relative_error(logits, expected) < bound, name
