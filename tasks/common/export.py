@@ -536,7 +536,8 @@ def export_task(
     """Export ``model``'s network in inference form, checked on real validation inputs (see
     ``TaskTrainer.export`` for the options).
 
-    The task module provides ``export_network()``, ``export_batches(datamodule, split)`` (batches
+    The task module (a ``tasks.common.module.BaseTask``, which has defaults for most of these)
+    provides ``export_network()``, ``export_batches(datamodule, split)`` (batches
     of preprocessed images of the ``"validate"`` or the ``"fit"`` split, as the exported network
     takes them), ``export_inputs(datamodule)`` (a batch of those of the validation split),
     ``export_metadata(datamodule)`` (what a deployment needs: classes, image size,
