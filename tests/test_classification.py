@@ -66,6 +66,8 @@ def test_checkpoint_of_the_classifier_under_its_former_name_loads(trained, tmp_p
     torch.save(checkpoint, tmp_path / "former.ckpt")
     task = ImageClassificationTask.load_from_checkpoint(tmp_path / "former.ckpt", map_location="cpu")
     assert torch.equal(task.model.linear.weight, checkpoint["state_dict"]["network.linear.weight"])
+    with pytest.warns(DeprecationWarning, match=r"\.network is now called \.model"):
+        assert task.network is task.model
 
 
 def test_resume_with_ckpt_path_last(image_root, tmp_path):

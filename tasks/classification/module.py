@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,12 @@ class ImageClassificationTask(BaseTask):
         # top-5 accuracy only where it can be below 1 (more than 5 classes)
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
         self.val_loss = MeanMetric()
+
+    @property
+    def network(self) -> nn.Module:
+        """The classifier's former name; use ``model``."""
+        warnings.warn("ImageClassificationTask.network is now called .model", DeprecationWarning, stacklevel=2)
+        return self.model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.uses_channels_last:

@@ -6,16 +6,16 @@ import multiprocessing
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from tasks.common.sampling import SeededDataset, SeededShuffleSampler, evaluation_sampler, global_seed, training_position
@@ -30,9 +30,9 @@ __all__ = [
     "SkippedFiles",
     "collate_predict_batch",
     "list_images",
-    "read_image_or_skip",
     "make_loader",
     "read_image",
+    "read_image_or_skip",
 ]
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's. They stay the first
