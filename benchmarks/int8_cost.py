@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS, _run
+from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS, _run, run_folder
 
 FILES = ("model_fused.pt", "model.int8.onnx", "model.pte", "model.int8.pte")
 
@@ -25,7 +25,7 @@ FILES = ("model_fused.pt", "model.int8.onnx", "model.pte", "model.int8.pte")
 def export(task: str, datasets_root: Path, work_dir: Path, seed: int, calibration_images: int, backbone: str) -> dict:
     """Export one real-data model with INT8 and ExecuTorch files; return its ``model.json`` and wall time."""
     setting = SETTINGS[task]
-    work = work_dir / task / f"{backbone}_seed{seed}"
+    work = run_folder(work_dir, task, backbone, seed)
     checkpoint = work / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         raise SystemExit(f"{checkpoint} does not exist: run python -m benchmarks.real_data --tasks {task} --seeds {seed} first")

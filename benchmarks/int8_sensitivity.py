@@ -35,7 +35,7 @@ from torch import nn
 from backbones import fuse_for_deployment
 from backbones.export import output_tensors, relative_error, to_onnx_bytes
 from backbones.runtimes import OnnxRuntimeNetwork, quantize_onnx
-from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS
+from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS, run_folder
 from benchmarks.timing import write_csv
 from tasks.common.export import first_images, same_size_images, validation_metrics
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", type=Path, help="per-layer table (default: benchmarks/results/int8_sensitivity_<task>_<backbone>.csv)")
     args = parser.parse_args(argv)
 
-    work = args.work_dir / args.task / f"{args.backbone}_seed{args.seed}"
+    work = run_folder(args.work_dir, args.task, args.backbone, args.seed)
     model, datamodule = load_run(args.task, args.datasets_root, work)
     torch.manual_seed(args.seed)
     network = fuse_for_deployment(model.export_network()).eval()

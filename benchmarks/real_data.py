@@ -135,13 +135,18 @@ def _predict_inputs(setting: Setting, data: Path, work: Path, count: int) -> Pat
     return folder
 
 
+def run_folder(work_root: Path, task: str, backbone: str, seed: int) -> Path:
+    """The folder of one run (its logs, ``override.yaml`` and ``checkpoints/last.ckpt``)."""
+    return work_root / task / f"{backbone.replace(':', '_')}_seed{seed}"
+
+
 def run_one(setting: Setting, backbone: str, datasets_root: Path, work_root: Path, epochs: int | None, seed: int,
             predictions: int) -> dict:
     """Train, evaluate untrained and trained, and predict for one task and backbone."""
     data = datasets_root / setting.data_dir
     if not data.is_dir():
         raise SystemExit(f"{data} does not exist: give --datasets-root (the folder holding {setting.data_dir})")
-    work = work_root / setting.task / f"{backbone.replace(':', '_')}_seed{seed}"
+    work = run_folder(work_root, setting.task, backbone, seed)
     work.mkdir(parents=True, exist_ok=True)
     override = _override_config(work, setting)
     task = [sys.executable, "-m", f"tasks.{setting.task}"]
