@@ -36,3 +36,23 @@ def apple_weights_cache(_apple_weights_dir, monkeypatch):
             torch.save(mobileone(variant).state_dict(), path)
 
     return place
+
+
+def load_config(path):
+    """A shipped config as LightningCLI reads it, as a dict: the config its ``config:`` key names
+    (relative to it) first, then its own keys, a dotted key (``model.variant``) setting one value."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    own = yaml.safe_load(path.read_text()) or {}
+    base = own.pop("config", None)
+    config = load_config(path.parent / base) if base else {}
+    for key, value in own.items():
+        *groups, name = key.split(".")
+        node = config
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[name] = value
+    return config

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import onnxruntime
 import pytest
 import torch
-import yaml
 
+from conftest import load_config
 from backbones import mobileone, reparameterize_model
 from backbones.runtimes import ExecuTorchNetwork
 from backbones.testing import relative_error
@@ -212,6 +212,28 @@ def test_resolution_and_weight_decay_schedules(image_root, tmp_path, num_workers
     assert no_decay and all(g["weight_decay"] == 0 for g in no_decay)
 
 
+def test_progressive_resolution_resumes_at_the_resumed_epochs_size(image_root, tmp_path):
+    """A run resumed at epoch 3 trains at epoch 3's size from its first batch (the workers of the
+    first loader start before any epoch hook), although the data config says 224 px."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tasks.classification.module import ImageClassificationTask
+
+    def run(max_epochs, ckpt_path=None, *callbacks):
+        data = ImageFolderDataModule(str(image_root), batch_size=5, num_workers=2, image_size=224, eval_resize=36, eval_image_size=32)
+        trainer = pl.Trainer(
+            max_epochs=max_epochs, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            accelerator="cpu", callbacks=[*callbacks, ProgressiveResolution(sizes=[32, 40, 48], milestones=[2, 4]), CosineWeightDecay()],
+        )
+        trainer.fit(ImageClassificationTask("s0", num_classes=5, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]}), data,
+                    ckpt_path=ckpt_path)
+
+    run(3, None, ModelCheckpoint(dirpath=tmp_path, save_last=True))
+    record = RecordBatches()
+    run(5, str(tmp_path / "last.ckpt"), record)
+    assert record.sizes == {3: {(40, 40)}, 4: {(48, 48)}}
+
+
 def test_learning_rate_scales_with_global_batch(image_root):
     from tasks.classification.module import ImageClassificationTask
 
@@ -245,7 +267,7 @@ def test_every_shipped_config_runs(config, image_root, tmp_path, monkeypatch, ap
     """Each recipe / demo config trains a step and validates (on CPU, tiny batch, fp32); configs
     starting from Apple's weights find them in the cache (as placed by hand, offline)."""
     monkeypatch.chdir(tmp_path)
-    model = yaml.safe_load(config.read_text()).get("model") or {}
+    model = load_config(config).get("model") or {}
     if model.get("weights") == "apple":
         apple_weights_cache(model["variant"])
     main(["fit", "--config", str(config), "--data.root", str(image_root), "--trainer.fast_dev_run=1",

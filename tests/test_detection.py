@@ -10,13 +10,13 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-import yaml
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection.image_list import ImageList
 
 from deployment import needs_executorch, with_data_batchnorm
+from conftest import load_config
 from tasks.detection.__main__ import DetectionCLI, main
 from tasks.detection.data import COCODetection, CocoAnnotations, InvalidAnnotationError, collate_lists, make_demo_coco
 from tasks.detection.module import ObjectDetectionTask
@@ -257,10 +257,10 @@ def voc_root(coco_root, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=[p.stem for p in DETECTION_CONFIGS])
 def test_every_shipped_config_runs(config, coco_root, tmp_path, monkeypatch, request, apple_weights_cache):
     monkeypatch.chdir(tmp_path)
-    model = yaml.safe_load(config.read_text()).get("model") or {}
+    model = load_config(config).get("model") or {}
     if model.get("backbone_weights") == "apple":  # Apple's weights as placed in the cache by hand (offline)
         apple_weights_cache(model["variant"])
-    data_format = (yaml.safe_load(config.read_text()).get("data") or {}).get("format", "coco")
+    data_format = (load_config(config).get("data") or {}).get("format", "coco")
     root = tmp_path / "generated" if config.stem == "demo" else coco_root if data_format == "coco" else request.getfixturevalue(f"{data_format}_root")
     main(["fit", "--config", str(config), f"--data.root={root}", "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu",
           "--trainer.devices=1", "--trainer.precision=32-true", "--data.batch_size=2", "--data.num_workers=0",

@@ -9,10 +9,10 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-import yaml
 from PIL import Image
 from torchvision import tv_tensors
 
+from conftest import load_config
 from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork
 from backbones.testing import relative_error
 from deployment import needs_executorch, with_data_batchnorm
@@ -290,7 +290,7 @@ def test_every_shipped_config_runs(config, voc_root, tmp_path, monkeypatch, appl
     """Each recipe / demo config trains a step and validates (CPU, tiny crops, fp32); recipes
     starting from Apple's weights find them in the cache (as placed by hand, offline)."""
     monkeypatch.chdir(tmp_path)
-    model = yaml.safe_load(config.read_text()).get("model") or {}
+    model = load_config(config).get("model") or {}
     if model.get("backbone_weights") == "apple":
         apple_weights_cache(model["variant"])
     _add_sbd(voc_root)

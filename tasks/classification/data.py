@@ -195,8 +195,6 @@ class ImageFolderDataModule(BaseDataModule):
         self.batch_size = self.val_batch_size = batch_size
         self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
         self._image_size = SharedImageSize(image_size)
-        # set by ProgressiveResolution: the training size of an epoch, applied when a loader is built
-        self.train_image_size_for_epoch: Callable[[int], int] | None = None
         if demo:
             self.class_names = list(DEMO_CLASSES)
         else:
@@ -312,11 +310,6 @@ class ImageFolderDataModule(BaseDataModule):
         if isinstance(dataset, PredictImages):
             return collate_predict_batch
         return collate_skipping_missing if self.hparams.skip_corrupt else None
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_image_size_for_epoch is not None and self.trainer is not None:
-            self.train_image_size = self.train_image_size_for_epoch(self.trainer.current_epoch)
-        return super().train_dataloader()
 
 
 def _draw_demo_image(shape: str, size: int, rng: random.Random, hue: float) -> Image.Image:

@@ -110,11 +110,12 @@ class CosineWeightDecay(pl.Callback):
 class ProgressiveResolution(pl.Callback):
     """Grow the training image size during ``fit``: ``sizes[i]`` from epoch ``milestones[i - 1]`` on.
 
-    E.g. ``sizes=[160, 192, 224], milestones=[37, 112]``. The datamodule must expose a writable
-    ``train_image_size`` and call ``train_image_size_for_epoch(current_epoch)`` (when set) in
-    ``train_dataloader()``: Lightning creates the first epoch's iterator, and with it the worker
-    processes' first batches, before any epoch hook runs. Later switches happen at the end of the
-    previous epoch, when no worker is producing samples, so a batch never mixes sizes.
+    E.g. ``sizes=[160, 192, 224], milestones=[37, 112]``. The datamodule needs a writable
+    ``train_image_size`` (read by the training transform in the workers) and, as every task's
+    ``BaseDataModule`` has, ``train_loader_hooks``. This callback alone sets the size: when a
+    training loader is built (the first epoch's, or the resumed one's: Lightning starts that
+    loader's workers before any epoch hook runs) and at the end of each epoch for the next one,
+    when no worker is producing samples, so a batch never mixes sizes.
     """
 
     def __init__(self, sizes: Sequence[int], milestones: Sequence[int]) -> None:
@@ -129,20 +130,26 @@ class ProgressiveResolution(pl.Callback):
     def size_at(self, epoch: int) -> int:
         return self.sizes[sum(epoch >= m for m in self.milestones)]
 
+    def apply(self, datamodule: pl.LightningDataModule, epoch: int) -> None:
+        """Set ``datamodule``'s training size to that of ``epoch``."""
+        size = self.size_at(epoch)
+        if datamodule.train_image_size != size:
+            rank_zero_info(f"ProgressiveResolution: training at {size} px from epoch {epoch}")
+            datamodule.train_image_size = size
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
         if stage == "fit":
-            if datamodule is None or not hasattr(datamodule, "train_image_size_for_epoch"):
+            if not (hasattr(datamodule, "train_image_size") and hasattr(datamodule, "train_loader_hooks")):
                 raise TypeError(
-                    "ProgressiveResolution needs a datamodule with `train_image_size` and `train_image_size_for_epoch`"
+                    "ProgressiveResolution needs a datamodule with a writable `train_image_size` and"
+                    f" `train_loader_hooks` (tasks.common.data.BaseDataModule), got {type(datamodule).__name__}"
                 )
-            datamodule.train_image_size_for_epoch = self.size_at
+            if self.apply not in datamodule.train_loader_hooks:
+                datamodule.train_loader_hooks.append(self.apply)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        size = self.size_at(trainer.current_epoch + 1)
-        if trainer.datamodule.train_image_size != size:
-            rank_zero_info(f"ProgressiveResolution: training at {size} px from epoch {trainer.current_epoch + 1}")
-            trainer.datamodule.train_image_size = size
+        self.apply(trainer.datamodule, trainer.current_epoch + 1)
 
 
 class ExportOnFitEnd(pl.Callback):

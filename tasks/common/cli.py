@@ -8,17 +8,20 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from tqdm import tqdm
 
 from backbones import is_named_weights
+from tasks.common.callbacks import TaskCheckpoint
 from tasks.common.export import export_task
 from tasks.common.module import task_name
 
@@ -81,7 +84,24 @@ def _task_folder(model_class: type) -> str:
 
 
 class TaskTrainer(pl.Trainer):
-    """A ``Trainer`` with an ``export`` method, which LightningCLI turns into a subcommand."""
+    """A ``Trainer`` with an ``export`` method, which LightningCLI turns into a subcommand, and one
+    place for a run's files: ``default_root_dir``.
+
+    Without a ``logger`` (or with ``logger=True``) it logs to ``<default_root_dir>/version_N/
+    metrics.csv`` (CSV) and ``<default_root_dir>/tensorboard/version_N`` (TensorBoard), instead of
+    Lightning's single TensorBoard logger; and a ``TaskCheckpoint`` without a ``dirpath`` writes to
+    ``<default_root_dir>/checkpoints``. So a config states its output folder once, and a config
+    built on another (``config: <file>`` plus ``trainer.default_root_dir: ...``) moves all of it.
+    """
+
+    def __init__(self, *args: Any, logger: Logger | Iterable[Logger] | bool | None = None, **kwargs: Any) -> None:
+        if logger is None or logger is True:
+            root = kwargs.get("default_root_dir") or os.getcwd()
+            logger = [CSVLogger(root, name=""), TensorBoardLogger(root, name="tensorboard")]
+        super().__init__(*args, logger=logger, **kwargs)
+        for callback in self.callbacks:
+            if isinstance(callback, TaskCheckpoint) and callback.dirpath is None:
+                callback.dirpath = os.path.realpath(os.path.join(self.default_root_dir, "checkpoints"))
 
     def export(
         self,

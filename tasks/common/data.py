@@ -261,6 +261,11 @@ class BaseDataModule(pl.LightningDataModule):
     A subclass sets ``batch_size``, ``val_batch_size``, ``num_workers``, ``pin_memory`` and
     ``persistent_workers`` in ``__init__`` and ``train_dataset`` / ``val_dataset`` /
     ``test_dataset`` / ``predict_dataset`` in ``setup``.
+
+    ``train_loader_hooks``: functions ``hook(datamodule, epoch)`` called each time a training
+    loader is built, with the epoch it starts (after a resume, the resumed one). Lightning builds
+    the first loader, and starts its workers, before any epoch hook of a callback runs; a callback
+    that changes what the workers produce (``ProgressiveResolution``) registers here.
     """
 
     batch_size: int
@@ -268,6 +273,10 @@ class BaseDataModule(pl.LightningDataModule):
     num_workers: int
     pin_memory: bool
     persistent_workers: bool
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_loader_hooks: list[Callable[[BaseDataModule, int], None]] = []
 
     def collate_fn(self, dataset: Dataset) -> Callable | None:
         return None
@@ -277,6 +286,9 @@ class BaseDataModule(pl.LightningDataModule):
                            self.collate_fn(dataset), trainer=self.trainer)
 
     def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        for hook in self.train_loader_hooks:
+            hook(self, epoch)
         return self.loader(self.train_dataset, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
