@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from torchvision.transforms import v2
 
