@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -84,8 +84,9 @@ def _task_folder(model_class: type) -> str:
 
 
 class TaskTrainer(pl.Trainer):
-    """A ``Trainer`` with an ``export`` method, which LightningCLI turns into a subcommand, and one
-    place for a run's files: ``default_root_dir``.
+    """A ``Trainer`` with an ``export`` subcommand and one folder for a run's files, ``default_root_dir``.
+
+    LightningCLI turns the ``export`` method into a subcommand.
 
     Without a ``logger`` (or with ``logger=True``) it logs to ``<default_root_dir>/version_N/
     metrics.csv`` (CSV) and ``<default_root_dir>/tensorboard/version_N`` (TensorBoard), instead of
@@ -109,18 +110,7 @@ class TaskTrainer(pl.Trainer):
         datamodule: pl.LightningDataModule | None = None,
         ckpt_path: str | None = None,
         output: str | None = None,
-        onnx: bool = True,
-        torchscript: bool = False,
-        tolerance: float = 1e-5,
-        coreml: bool = False,
-        coreml_precision: Literal["float16", "float32"] = "float16",
-        coreml_image_input: bool = False,
-        coreml_image_size: int | tuple[int, int] | None = None,
-        int8: bool = False,
-        executorch: bool = False,
-        calibration_images: int = 256,
-        calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
-        validation_batches: int | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
         """Reparameterize a checkpoint, check it numerically and write the deployable files.
 
@@ -135,40 +125,14 @@ class TaskTrainer(pl.Trainer):
                 averaged weights, which are the ones exported.
             output: directory for ``model_fused.pt``, ``model.json``, ``model.onnx`` (default:
                 ``outputs/<task>/exported``, e.g. ``outputs/detection/exported``), replaced as a whole.
-            onnx: also write and check ``model.onnx`` (onnxruntime).
-            torchscript: also write ``model_fused.torchscript.pt``, a trace checked against PyTorch.
-            tolerance: largest accepted relative error, fused vs unfused, ONNX and TorchScript vs PyTorch.
-            coreml: also write ``model.mlpackage``, a CoreML ML program (needs ``pip install -e ".[coreml]"``;
-                batch 1 at the checked images' size; checked for structure only, CoreML runs on macOS).
-            coreml_precision: the ML program's compute precision (float16 runs on the Neural Engine).
-            coreml_image_input: make the CoreML input an RGB image (pixels 0-255, normalized inside
-                the model) instead of a normalized float32 tensor.
-            coreml_image_size: the CoreML input's fixed size, ``S`` or ``[H, W]`` (default: the size of
-                the checked images; required for segmentation, whose other exports take any size).
-            int8: also write ``model.int8.onnx`` (onnxruntime static INT8 quantization, QDQ format,
-                per-channel weights) and, with ``executorch``, ``model.int8.pte``; both are
-                calibrated on ``calibration_images`` training images of the data config.
-            executorch: also write ``model.pte``, an ExecuTorch program for the XNNPACK delegate
-                (Android, iOS, Linux; needs ``pip install -e ".[executorch]"``).
-            calibration_images: how many training images (augmented as for training) INT8 calibration sees.
-            calibration_method: how ``model.int8.onnx``'s activation ranges are set from them:
-                ``minmax`` (the observed range), ``percentile`` (99.999%) or ``entropy`` (onnxruntime's
-                methods); ``model.int8.pte`` uses the XNNPACK quantizer's histogram observer.
-            validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
-                fused model are run through the validation split and their metrics recorded in
-                ``model.json``; this limits that to the first batches (default: the whole split).
+            **options: ``tasks.common.export.export_task``'s options (``onnx``, ``int8``, ...), the
+                subcommand's other flags.
         """
         if ckpt_path is not None:
             model.load_state_dict(read_task_checkpoint(ckpt_path, type(model))["state_dict"])
         if output is None:
             output = os.path.join("outputs", _task_folder(type(model)), "exported")
-        return export_task(
-            model, datamodule, output, onnx=onnx, torchscript=torchscript, tolerance=tolerance,
-            coreml=coreml, coreml_precision=coreml_precision, coreml_image_input=coreml_image_input,
-            coreml_image_size=coreml_image_size, int8=int8, executorch=executorch,
-            calibration_images=calibration_images, calibration_method=calibration_method,
-            validation_batches=validation_batches,
-        )
+        return export_task(model, datamodule, output, **options)
 
 
 class _ProgressBarSafeHandler(logging.StreamHandler):

@@ -533,8 +533,8 @@ def export_task(
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
     validation_batches: int | None = None,
 ) -> dict[str, Any]:
-    """Export ``model``'s network in inference form, checked on real validation inputs (see
-    ``TaskTrainer.export`` for the options).
+    """Export ``model``'s network in inference form, checked on real validation inputs; the options
+    are the ``export`` subcommand's flags (``TaskTrainer.export`` passes them on).
 
     The task module (a ``tasks.common.module.BaseTask``, which has defaults for most of these)
     provides ``export_network()``, ``export_batches(datamodule, split)`` (batches
@@ -548,6 +548,33 @@ def export_task(
     ``export_agreement(fused, trained)`` to measure how often two models' predictions match
     (default: equal argmax over dim 1) and ``deployment_agreement(deployed, fused)`` to compare
     a deployed file's predictions (default: ``export_agreement``).
+
+    Args:
+        model: the task module.
+        datamodule: supplies the real validation images the fused model is checked on.
+        output: the export folder, replaced as a whole.
+        onnx: also write and check ``model.onnx`` (onnxruntime).
+        torchscript: also write ``model_fused.torchscript.pt``, a trace checked against PyTorch.
+        tolerance: largest accepted relative error, fused vs unfused, ONNX and TorchScript vs PyTorch.
+        coreml: also write ``model.mlpackage``, a CoreML ML program (needs ``pip install -e ".[coreml]"``;
+            batch 1 at the checked images' size; checked for structure only, CoreML runs on macOS).
+        coreml_precision: the ML program's compute precision (float16 runs on the Neural Engine).
+        coreml_image_input: make the CoreML input an RGB image (pixels 0-255, normalized inside
+            the model) instead of a normalized float32 tensor.
+        coreml_image_size: the CoreML input's fixed size, ``S`` or ``[H, W]`` (default: the size of
+            the checked images; required for segmentation, whose other exports take any size).
+        int8: also write ``model.int8.onnx`` (onnxruntime static INT8 quantization, QDQ format,
+            per-channel weights) and, with ``executorch``, ``model.int8.pte``; both are
+            calibrated on ``calibration_images`` training images of the data config.
+        executorch: also write ``model.pte``, an ExecuTorch program for the XNNPACK delegate
+            (Android, iOS, Linux; needs ``pip install -e ".[executorch]"``).
+        calibration_images: how many training images (augmented as for training) INT8 calibration sees.
+        calibration_method: how ``model.int8.onnx``'s activation ranges are set from them:
+            ``minmax`` (the observed range), ``percentile`` (99.999%) or ``entropy`` (onnxruntime's
+            methods); ``model.int8.pte`` uses the XNNPACK quantizer's histogram observer.
+        validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
+            fused model are run through the validation split and their metrics recorded in
+            ``model.json``; this limits that to the first batches (default: the whole split).
     """
     inputs = model.export_inputs(datamodule)
     calibration = None
