@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import load_config
+from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 from backbones import mobileone, reparameterize_model
 from backbones.runtimes import ExecuTorchNetwork
 from backbones.testing import relative_error
@@ -104,6 +105,7 @@ def test_export_writes_checked_fused_model(image_root, trained, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model_fused.pt"]
     metadata = json.loads((out / "model.json").read_text())
     assert metadata["class_names"] == CLASSES and metadata["image_size"] == 32
+    assert (metadata["mean"], metadata["std"]) == (list(IMAGENET_MEAN), list(IMAGENET_STD))  # the data config's
     assert metadata["fused_vs_unfused_relative_error"] < 1e-5 and metadata["onnx_vs_pytorch_relative_error"] < 1e-5
 
     checkpoint = torch.load(last_checkpoint(trained), map_location="cpu", weights_only=False)

@@ -17,6 +17,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from deployment import needs_executorch, with_data_batchnorm
 from conftest import load_config
+from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 from tasks.detection.__main__ import DetectionCLI, main
 from tasks.detection.data import COCODetection, CocoAnnotations, InvalidAnnotationError, collate_lists, make_demo_coco
 from tasks.detection.module import ObjectDetectionTask
@@ -111,6 +112,7 @@ def test_export_matches_detections(coco_root, trained, tmp_path):
     assert metadata["fused_vs_unfused_agreement_count"] >= 10
     assert metadata["fused_vs_unfused_agreement"] >= 0.99
     assert metadata["category_ids"] == {"1": 1, "2": 2, "3": 3}
+    assert (metadata["mean"], metadata["std"]) == (list(IMAGENET_MEAN), list(IMAGENET_STD))  # the SSD transform's
     import onnx
 
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from conftest import load_config
+from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork
 from backbones.testing import relative_error
 from deployment import needs_executorch, with_data_batchnorm
@@ -86,6 +87,7 @@ def test_export_matches_and_accepts_any_image_size(voc_root, trained, tmp_path):
     assert metadata["fused_vs_unfused_relative_error"] < 1e-5 and metadata["onnx_vs_pytorch_relative_error"] < 1e-5
     assert metadata["fused_vs_unfused_agreement"] > 0.999
     assert metadata["class_names"] == ["background", "circle", "square", "triangle"]
+    assert (metadata["mean"], metadata["std"]) == (list(IMAGENET_MEAN), list(IMAGENET_STD))  # the data config's
 
     task = SemanticSegmentationTask.load_from_checkpoint(trained, map_location="cpu").eval()
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}

@@ -204,7 +204,8 @@ class ImageFolderDataModule(BaseDataModule):
             self.class_names = list_classes(train_dir)
             if not self.class_names:
                 raise FileNotFoundError(f"{train_dir} holds no class directories; {layout_help(root, train_split, val_split)}")
-        self.normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        self.mean, self.std = list(mean), list(std)
+        self.normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
     @property
     def num_classes(self) -> int:

@@ -147,8 +147,7 @@ class ImageClassificationTask(BaseTask):
             "class_names": self.hparams.class_names,
             "image_size": data.get("eval_image_size"),
             "resize": data.get("eval_resize"),
-            "mean": list(data.get("mean", [])),
-            "std": list(data.get("std", [])),
+            **self.input_normalization(datamodule),
             "input": "images: float32 (N, 3, H, W), RGB scaled to [0, 1], then (x - mean) / std",
             "output": "logits: float32 (N, num_classes)",
         }

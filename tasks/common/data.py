@@ -260,7 +260,8 @@ class BaseDataModule(pl.LightningDataModule):
 
     A subclass sets ``batch_size``, ``val_batch_size``, ``num_workers``, ``pin_memory`` and
     ``persistent_workers`` in ``__init__`` and ``train_dataset`` / ``val_dataset`` /
-    ``test_dataset`` / ``predict_dataset`` in ``setup``.
+    ``test_dataset`` / ``predict_dataset`` in ``setup``; and ``mean`` / ``std`` where its
+    transforms normalize the images (read by the task's ``input_normalization``).
 
     ``train_loader_hooks``: functions ``hook(datamodule, epoch)`` called each time a training
     loader is built, with the epoch it starts (after a resume, the resumed one). Lightning builds

@@ -218,5 +218,11 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
         """A context in which validation runs ``network`` (an exported file's runner) instead of ``self.model``."""
         return replaced_submodule(self, "model", self.deployed_model(network))
 
+    def input_normalization(self, datamodule: pl.LightningDataModule | None) -> dict[str, list[float]]:
+        """``{"mean": ..., "std": ...}``: how the network's RGB inputs in [0, 1] are normalized, as
+        ``export_metadata`` states it. Here the data module's ``mean`` / ``std`` (empty without one);
+        a task whose model normalizes (detection's SSD transform) says so instead."""
+        return {"mean": list(getattr(datamodule, "mean", [])), "std": list(getattr(datamodule, "std", []))}
+
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} defines no export_metadata")

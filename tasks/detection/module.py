@@ -127,9 +127,14 @@ class ObjectDetectionTask(BaseTask):
     def export_network(self) -> nn.Module:
         return SSDRawOutputs(self.model, self.hparams.image_size)
 
+    def input_normalization(self, datamodule: pl.LightningDataModule | None) -> dict[str, list[float]]:
+        """The SSD model normalizes its inputs itself (its ``transform``, as torchvision's
+        detectors do): the data module gives RGB in [0, 1]; the exported network takes them normalized."""
+        return {"mean": list(self.model.transform.image_mean), "std": list(self.model.transform.image_std)}
+
     def export_form(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Images (RGB in [0, 1], any sizes) as the exported network takes them."""
-        return export_form(images, self.hparams.image_size, self.model.transform.image_mean, self.model.transform.image_std)
+        return export_form(images, self.hparams.image_size, **self.input_normalization(None))
 
     def export_images(self, batch: Any) -> torch.Tensor:
         return self.export_form(batch[0])
@@ -138,7 +143,7 @@ class ObjectDetectionTask(BaseTask):
         """``network`` (``SSDRawOutputs``' inputs and outputs) followed by the post-processing
         ``export_metadata`` documents, taking and returning what the trained SSD does."""
         return DeployedDetector(network, self._postprocess, self.hparams.image_size, self.hparams.score_thresh,
-                                self.model.transform.image_mean, self.model.transform.image_std)
+                                **self.input_normalization(None))
 
     def export_agreement(self, fused: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
         """(detections of the trained model that the fused model reproduces, detections of the
@@ -199,8 +204,7 @@ class ObjectDetectionTask(BaseTask):
             "image_size": self.hparams.image_size,
             "class_names": ["background", *(self.hparams.class_names or [])],
             "category_ids": {str(k): v for k, v in datamodule.label_to_category().items()} if datamodule is not None else None,
-            "mean": list(self.model.transform.image_mean),
-            "std": list(self.model.transform.image_std),
+            **self.input_normalization(datamodule),
             "input": f"images: float32 (N, 3, {self.hparams.image_size}, {self.hparams.image_size}): the image resized "
             "(bilinear) to that size, RGB scaled to [0, 1], then (x - mean) / std",
             "outputs": "boxes: (N, A, 4) x1 y1 x2 y2 in input pixels; scores: (N, A, num_classes) softmax, column 0 = background",

@@ -172,8 +172,7 @@ class SemanticSegmentationTask(BaseTask):
             "num_classes": self.hparams.num_classes,
             "class_names": self.hparams.class_names,
             "ignore_index": self.hparams.ignore_index,
-            "mean": list(getattr(datamodule, "mean", [])),
-            "std": list(getattr(datamodule, "std", [])),
+            **self.input_normalization(datamodule),
             "input": "images: float32 (N, 3, H, W), any H and W, RGB scaled to [0, 1], then (x - mean) / std",
             "output": "logits: float32 (N, num_classes, H, W); the label map is argmax over dim 1",
         }
