@@ -305,3 +305,68 @@ def test_predict_skips_unreadable_images_and_reports_them(tmp_path):
         predictions = trainer.predict(model, datamodule=lenient)
     print([str(w.message) for w in record if "unreadable image(s)" in str(w.message)])
     assert [Path(row["path"]).name for batch in predictions for row in batch] == ["0.png", "2.png"]
+
+
+def _detection_case(tmp_path: Path):
+    from tasks.detection.data import make_demo_coco
+    from tasks.detection.module import ObjectDetectionTask
+
+    root = make_demo_coco(tmp_path / "coco", train_images=6, val_images=3, size=64)
+    bad = [root / "train2017" / sorted(p.name for p in (root / "train2017").iterdir())[1], root / "val2017" / sorted(p.name for p in (root / "val2017").iterdir())[0]]
+
+    def data(**kwargs):
+        return COCODetection(root=str(root), image_size=64, batch_size=3, val_batch_size=2, num_workers=2,
+                             persistent_workers=False, **kwargs)
+
+    def model():
+        return ObjectDetectionTask("s0", num_classes=4, image_size=64, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]})
+    return bad, data, model
+
+
+def _segmentation_case(tmp_path: Path):
+    from tasks.segmentation.module import SemanticSegmentationTask
+
+    root = tmp_path / "scenes"
+    for split, count in (("train", 6), ("val", 3)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(count):
+            labels = np.zeros((48, 64), dtype=np.uint8)
+            labels[16:32] = 1
+            Image.fromarray(np.full((48, 64, 3), 40 * i, dtype=np.uint8)).save(root / split / "images" / f"{split}{i}.jpg")
+            Image.fromarray(labels, mode="L").save(root / split / "masks" / f"{split}{i}.png")
+    (root / "classes.json").write_text(json.dumps(["road", "car"]))
+    bad = [root / "train" / "images" / "train1.jpg", root / "val" / "images" / "val0.jpg"]
+
+    def data(**kwargs):
+        return FolderSegmentation(root=str(root), crop_size=32, batch_size=3, val_batch_size=2, num_workers=2,
+                                  persistent_workers=False, **kwargs)
+
+    def model():
+        return SemanticSegmentationTask("s0", num_classes=2, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]})
+    return bad, data, model
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_skip_corrupt_is_the_same_policy_in_every_task(task, tmp_path):
+    """As in classification: an unreadable image is an error naming it, or with skip_corrupt it is
+    left out of training and evaluation and totalled in one warning per epoch and split."""
+    # batches of 3: the one holding the bad training image keeps 2 (BatchNorm after a 1x1 pooling needs 2)
+    bad, data, model = (_detection_case if task == "detection" else _segmentation_case)(tmp_path)
+    for path in bad:
+        corrupt(path)
+
+    def trainer():
+        return pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(CorruptImageError, match=bad[0].name):
+        trainer().fit(model(), datamodule=data())
+    with pytest.warns(UserWarning) as record:
+        trainer().fit(model(), datamodule=data(skip_corrupt=True))
+    totals = [str(w.message) for w in record if "unreadable image(s)" in str(w.message)]
+    print("\n".join(totals))
+    assert len(totals) == 2, totals
+    (train,) = [t for t in totals if "in training epoch 0" in t]
+    (val,) = [t for t in totals if "in validation (epoch 0)" in t]
+    assert train.endswith(f"skip_corrupt skipped 1 unreadable image(s) in training epoch 0: {bad[0]}")
+    assert val.endswith(f"skip_corrupt skipped 1 unreadable image(s) in validation (epoch 0): {bad[1]}")

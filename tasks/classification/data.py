@@ -10,12 +10,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
-import lightning.pytorch as pl
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 from torchvision.transforms import v2
 
 from backbones.atomic import atomic_write_dir
@@ -24,11 +22,10 @@ from tasks.common.data import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ImageFiles,
     PredictImages,
-    SkippedFiles,
     collate_predict_batch,
     list_images,
-    read_image_or_skip,
 )
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 
@@ -81,64 +78,22 @@ class RandomResizedCropToSharedSize(nn.Module):
         return self._crops[size](image)
 
 
-class LabelledImages(Dataset):
-    """(path, label) samples, decoded and transformed on access.
-
-    With ``skip_corrupt`` an unreadable image gives ``None`` (left out by the collate function),
-    a warning naming it in the process that read it, and a count in ``skipped`` (a ``SkippedFiles``,
-    shared by all worker processes; ``ImageFolderDataModule`` reports the total at the end of each epoch).
-    ``source`` names the split directory in messages.
-    """
+class LabelledImages(ImageFiles):
+    """(path, label) samples, decoded and transformed on access; with ``skip_corrupt`` an unreadable
+    image gives None (``ImageFiles``). ``source`` names the split directory in messages."""
 
     def __init__(self, samples: Sequence[tuple[Path, int]], transform: nn.Module, skip_corrupt: bool = False, source: str = "") -> None:
+        super().__init__(source, skip_corrupt)
         self.samples = list(samples)
         self.transform = transform
-        self.skip_corrupt = skip_corrupt
-        self.source = source
-        self.skipped = SkippedFiles() if skip_corrupt else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, path: Path) -> torch.Tensor | None:
-        """The transformed image, or None (counted) for an unreadable one with ``skip_corrupt``."""
-        image = read_image_or_skip(path, self.skipped)
-        return None if image is None else self.transform(image)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.samples[index]
-        image = self.read(path)
-        return None if image is None else (image, label)
-
-
-def collate_skipping_missing(batch: list) -> object:
-    """``default_collate`` without the samples a dataset skipped (returned as None); None if none is left."""
-    batch = [sample for sample in batch if sample is not None]
-    return default_collate(batch) if batch else None
-
-
-class ReportSkippedImages(pl.Callback):
-    """Added by ``ImageFolderDataModule`` with ``skip_corrupt``: one warning per epoch and dataset
-    with the exact number of skipped images (over all worker processes) and the first few names."""
-
-    def __init__(self, datamodule: ImageFolderDataModule) -> None:
-        self.datamodule = datamodule
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.datamodule.report_skipped("train_dataset", f"in training epoch {trainer.current_epoch}")
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            when = "in the sanity check"
-        else:
-            when = f"in validation (epoch {trainer.current_epoch})" if trainer.state.fn == "fit" else "in validate"
-        self.datamodule.report_skipped("val_dataset", when)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.datamodule.report_skipped("test_dataset", "in test")
-
-    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.datamodule.report_skipped("predict_dataset", "in predict (left out of the predictions)")
+        image = self.read_or_skip(path)
+        return None if image is None else (self.transform(image), label)
 
 
 class ImageFolderDataModule(BaseDataModule):
@@ -194,6 +149,7 @@ class ImageFolderDataModule(BaseDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.batch_size = self.val_batch_size = batch_size
         self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
+        self.skip_corrupt = skip_corrupt
         self._image_size = SharedImageSize(image_size)
         if demo:
             self.class_names = list(DEMO_CLASSES)
@@ -271,7 +227,7 @@ class ImageFolderDataModule(BaseDataModule):
         return samples
 
     def setup(self, stage: str) -> None:
-        skip = self.hparams.skip_corrupt
+        skip = self.skip_corrupt
         train, val = self.train_split, self.val_split
         if stage == "fit":
             self.train_dataset = LabelledImages(self._samples(train), self.train_transform(), skip, str(self.root / train))
@@ -283,34 +239,9 @@ class ImageFolderDataModule(BaseDataModule):
             if self.hparams.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images to classify")
             self.predict_dataset = PredictImages(self.hparams.predict_dir, self.eval_transform(), skip)
-        trainer = self.trainer
-        if skip and trainer is not None and not any(isinstance(c, ReportSkippedImages) and c.datamodule is self for c in trainer.callbacks):
-            trainer.callbacks.append(ReportSkippedImages(self))
-
-    def report_skipped(self, dataset: str, when: str) -> None:
-        """Warn with the number of images ``self.<dataset>`` skipped since the last report (all worker
-        processes together) and the first few names; nothing when none was skipped."""
-        images = getattr(self, dataset, None)
-        if images is None or images.skipped is None:
-            return
-        count, paths = images.skipped.take()
-        if count:
-            trainer = self.trainer
-            rank = f" on process {trainer.global_rank} of {trainer.world_size}" if trainer is not None and trainer.world_size > 1 else ""
-            more = f" and {count - len(paths)} more" if count > len(paths) else ""
-            warnings.warn(
-                f"{images.source}: skip_corrupt skipped {count} unreadable image(s) {when}{rank}: {', '.join(paths)}{more}"
-            )
-
-    def teardown(self, stage: str) -> None:
-        """Report what was skipped and not yet reported (e.g. in an interrupted epoch)."""
-        for dataset in ("train_dataset", "val_dataset", "test_dataset", "predict_dataset"):
-            self.report_skipped(dataset, f"in {stage} (not yet reported)")
 
     def collate_fn(self, dataset: Dataset) -> Callable | None:
-        if isinstance(dataset, PredictImages):
-            return collate_predict_batch
-        return collate_skipping_missing if self.hparams.skip_corrupt else None
+        return collate_predict_batch if isinstance(dataset, PredictImages) else None
 
 
 def _draw_demo_image(shape: str, size: int, rng: random.Random, hue: float) -> Image.Image:

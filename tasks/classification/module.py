@@ -92,9 +92,7 @@ class ImageClassificationTask(BaseTask):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:  # every sample of the batch was an unreadable image (skip_corrupt)
-            return None
+    def training_loss(self, batch: Any) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
@@ -103,8 +101,6 @@ class ImageClassificationTask(BaseTask):
         return loss
 
     def evaluate(self, batch: Any, prefix: str) -> None:
-        if batch is None:
-            return
         images, labels = batch
         logits = self(images)
         self.val_loss(F.cross_entropy(logits, labels, reduction="none"))  # a mean over samples, also across processes
@@ -115,9 +111,7 @@ class ImageClassificationTask(BaseTask):
             self.val_acc5(logits, labels)
             self.log(f"{prefix}/acc5", self.val_acc5)
 
-    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
-        if batch is None:  # every image of the batch was unreadable (skip_corrupt): no rows
-            return []
+    def predict_batch(self, batch: Any) -> list[dict[str, Any]]:
         images, infos = batch
         probabilities = self(images).float().softmax(dim=1)
         top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)

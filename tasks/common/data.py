@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
@@ -26,7 +26,10 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "CorruptImageError",
+    "ImageFiles",
     "PredictImages",
+    "ReportSkippedImages",
+    "SkippingMissing",
     "SkippedFiles",
     "collate_predict_batch",
     "list_images",
@@ -176,30 +179,44 @@ def read_image_or_skip(path: str | os.PathLike, skipped: SkippedFiles | None) ->
         return None
 
 
-class PredictImages(Dataset):
-    """Every image under ``directory`` (recursively, sorted), for ``predict``: samples
-    ``(transform(image), {"path", "size": the image's (H, W), "input_size": the transformed (H, W)})``.
+class ImageFiles(Dataset):
+    """Base of the datasets that read image files. ``read_or_skip(path)`` decodes one; an
+    unreadable file raises ``CorruptImageError`` naming it, or with ``skip_corrupt`` gives None,
+    a warning in the process that read it and a count in ``skipped`` (a ``SkippedFiles`` shared by
+    the worker processes; the data module reports the total after each epoch). ``source`` names
+    the dataset (a folder, an annotation file) in those messages."""
 
-    ``transform`` takes ``read_image``'s uint8 RGB tensor as a ``tv_tensors.Image``. An unreadable image raises
-    ``CorruptImageError`` naming it, or with ``skip_corrupt`` gives None (counted in ``skipped``,
-    with a warning), which ``collate_predict_batch`` leaves out.
+    def __init__(self, source: str, skip_corrupt: bool = False) -> None:
+        self.source = source
+        self.skip_corrupt = skip_corrupt
+        self.skipped = SkippedFiles() if skip_corrupt else None
+
+    def read_or_skip(self, path: str | os.PathLike) -> torch.Tensor | None:
+        return read_image_or_skip(path, self.skipped)
+
+
+class PredictImages(ImageFiles):
+    """Every image under ``directory`` (recursively, sorted), for ``predict``: samples
+    ``(transform(image), {"path", "size": the image's (H, W), "input_size": the transformed (H, W)})``,
+    or None for an unreadable image with ``skip_corrupt`` (``ImageFiles``), which
+    ``collate_predict_batch`` leaves out.
+
+    ``transform`` takes ``read_image``'s uint8 RGB tensor as a ``tv_tensors.Image``.
     """
 
     def __init__(self, directory: str | os.PathLike, transform: Callable[[torch.Tensor], torch.Tensor], skip_corrupt: bool = False) -> None:
-        self.source = str(directory)
+        super().__init__(str(directory), skip_corrupt)
         self.paths = list_images(Path(directory))
         if not self.paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under predict_dir {directory}")
         self.transform = transform
-        self.skip_corrupt = skip_corrupt
-        self.skipped = SkippedFiles() if skip_corrupt else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
         path = self.paths[index]
-        image = read_image_or_skip(path, self.skipped)
+        image = self.read_or_skip(path)
         if image is None:
             return None
         transformed = self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
@@ -252,6 +269,42 @@ def make_loader(
     )
 
 
+class SkippingMissing:
+    """A collate function for datasets that skip unreadable images: ``collate`` (default: torch's
+    ``default_collate``) of the batch without the skipped samples (None); None when none is left."""
+
+    def __init__(self, collate: Callable[[list], Any] | None = None) -> None:
+        self.collate = collate or default_collate
+
+    def __call__(self, batch: list) -> Any:
+        batch = [sample for sample in batch if sample is not None]
+        return self.collate(batch) if batch else None
+
+
+class ReportSkippedImages(pl.Callback):
+    """Added by a ``BaseDataModule`` with ``skip_corrupt``: one warning per epoch and dataset with
+    the exact number of skipped images (over all worker processes) and the first few names."""
+
+    def __init__(self, datamodule: BaseDataModule) -> None:
+        self.datamodule = datamodule
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.datamodule.report_skipped("train_dataset", f"in training epoch {trainer.current_epoch}")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            when = "in the sanity check"
+        else:
+            when = f"in validation (epoch {trainer.current_epoch})" if trainer.state.fn == "fit" else "in validate"
+        self.datamodule.report_skipped("val_dataset", when)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.datamodule.report_skipped("test_dataset", "in test")
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.datamodule.report_skipped("predict_dataset", "in predict (left out of the predictions)")
+
+
 class BaseDataModule(pl.LightningDataModule):
     """The loaders every task's data module shares: one ``make_loader`` per split, ``batch_size``
     for training and ``val_batch_size`` for validation, test and predict, the collate function
@@ -263,6 +316,11 @@ class BaseDataModule(pl.LightningDataModule):
     ``test_dataset`` / ``predict_dataset`` in ``setup``; and ``mean`` / ``std`` where its
     transforms normalize the images (read by the task's ``input_normalization``).
 
+    Bad input, the same in every task: an unreadable image file is an error naming it, unless the
+    subclass's ``skip_corrupt`` is set (its datasets are ``ImageFiles``): then it is left out of its
+    batch (a batch left empty is None, which the task's steps pass over) and the count with the
+    first names is reported in one warning per epoch and split.
+
     ``train_loader_hooks``: functions ``hook(datamodule, epoch)`` called each time a training
     loader is built, with the epoch it starts (after a resume, the resumed one). Lightning builds
     the first loader, and starts its workers, before any epoch hook of a callback runs; a callback
@@ -271,6 +329,7 @@ class BaseDataModule(pl.LightningDataModule):
 
     batch_size: int
     val_batch_size: int
+    skip_corrupt: bool = False
     num_workers: int
     pin_memory: bool
     persistent_workers: bool
@@ -283,8 +342,34 @@ class BaseDataModule(pl.LightningDataModule):
         return None
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        collate = self.collate_fn(dataset)
+        if self.skip_corrupt:
+            collate = SkippingMissing(collate)
+            trainer = self.trainer
+            if trainer is not None and not any(isinstance(c, ReportSkippedImages) and c.datamodule is self for c in trainer.callbacks):
+                trainer.callbacks.append(ReportSkippedImages(self))
         return make_loader(dataset, batch_size, shuffle, self.num_workers, self.pin_memory, self.persistent_workers,
-                           self.collate_fn(dataset), trainer=self.trainer)
+                           collate, trainer=self.trainer)
+
+    def report_skipped(self, dataset: str, when: str) -> None:
+        """Warn with the number of images ``self.<dataset>`` skipped since the last report (all worker
+        processes together) and the first few names; nothing when none was skipped."""
+        images = getattr(self, dataset, None)
+        if getattr(images, "skipped", None) is None:
+            return
+        count, paths = images.skipped.take()
+        if count:
+            trainer = self.trainer
+            rank = f" on process {trainer.global_rank} of {trainer.world_size}" if trainer is not None and trainer.world_size > 1 else ""
+            more = f" and {count - len(paths)} more" if count > len(paths) else ""
+            warnings.warn(
+                f"{images.source}: skip_corrupt skipped {count} unreadable image(s) {when}{rank}: {', '.join(paths)}{more}"
+            )
+
+    def teardown(self, stage: str) -> None:
+        """Report what was skipped and not yet reported (e.g. in an interrupted epoch)."""
+        for dataset in ("train_dataset", "val_dataset", "test_dataset", "predict_dataset"):
+            self.report_skipped(dataset, f"in {stage} (not yet reported)")
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0

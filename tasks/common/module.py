@@ -165,6 +165,21 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
                  global_batch, self.hparams.lr, self.hparams.reference_batch_size)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # steps: a batch is None when every sample of it was an unreadable image (``skip_corrupt``)
+    def training_loss(self, batch: Any) -> torch.Tensor:
+        """The loss of a training batch (and its logging)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no training_loss")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return None if batch is None else self.training_loss(batch)
+
+    def predict_batch(self, batch: Any) -> list[dict[str, Any]]:
+        """One record per image of a ``predict`` batch, for the task's prediction writer."""
+        raise NotImplementedError(f"{type(self).__name__} defines no predict_batch")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+        return [] if batch is None else self.predict_batch(batch)
+
     # evaluation
     def evaluate(self, batch: Any, prefix: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} defines no evaluate")
@@ -180,10 +195,12 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
         return trainer.state.fn in ("validate", "test") and trainer.is_global_zero and not trainer.sanity_checking
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.evaluate(batch, "val")
+        if batch is not None:
+            self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.evaluate(batch, "test")
+        if batch is not None:
+            self.evaluate(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
         self.log_epoch_metrics("val")

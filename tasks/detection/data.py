@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from backbones.atomic import atomic_write_dir
-from tasks.common.data import BaseDataModule, PredictImages, read_image
+from tasks.common.data import BaseDataModule, ImageFiles, PredictImages
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 from tasks.detection.formats import (
     VOC_LAYOUT,
@@ -255,7 +255,7 @@ class ShrinkToMaxSize(v2.Transform):
         return inpt if params["size"] is None else v2.functional.resize(inpt, params["size"], antialias=True)
 
 
-class CocoImages(Dataset):
+class CocoImages(ImageFiles):
     """Images and targets: ``(image float [0, 1], {"boxes" xyxy, "labels", "iscrowd", "area", "image_id"})``.
 
     Training targets leave crowd boxes out; evaluation targets keep them, marked ``iscrowd``. A
@@ -266,7 +266,8 @@ class CocoImages(Dataset):
     boxes as they are): the boxes are in the json's frame, so neither size can be trusted silently.
     """
 
-    def __init__(self, coco: CocoAnnotations, train: bool, transform: v2.Transform) -> None:
+    def __init__(self, coco: CocoAnnotations, train: bool, transform: v2.Transform, skip_corrupt: bool = False) -> None:
+        super().__init__(str(coco.image_dir), skip_corrupt)
         self.coco = coco
         self.train = train
         self.ids = coco.image_ids(with_boxes_only=train)
@@ -279,10 +280,12 @@ class CocoImages(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         image_info = self.coco.images[self.ids[index]]
         path = self.coco.image_dir / image_info["file_name"]
-        image = read_image(path)
+        image = self.read_or_skip(path)
+        if image is None:
+            return None
         self.check_size(path, image, image_info)
         annotations = [a for a in image_info["annotations"] if not (self.train and a["iscrowd"])]
         target = {
@@ -346,6 +349,10 @@ class COCODetection(BaseDataModule):
     the tightest crops are the only cost; ``2 * image_size`` or more keeps nearly all). Evaluation
     images keep their size (the model resizes them and maps boxes back).
 
+    Bad input: unusable boxes are dropped and counted in one warning per kind, or with ``strict``
+    an error names the file and the object; an unreadable image file is an error naming it, or
+    with ``skip_corrupt`` is left out and reported (as in every task: ``BaseDataModule``).
+
     ``num_classes`` (categories + background) and ``class_names`` are linked into the model.
     """
 
@@ -369,6 +376,7 @@ class COCODetection(BaseDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         strict: bool = False,
+        skip_corrupt: bool = False,
         predict_dir: str | None = None,
         demo: bool = False,
         demo_images: int = 240,
@@ -407,6 +415,7 @@ class COCODetection(BaseDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.strict = strict
+        self.skip_corrupt = skip_corrupt
         self.predict_dir = predict_dir
         self.demo = demo
         self.demo_images = demo_images
@@ -495,15 +504,15 @@ class COCODetection(BaseDataModule):
         if stage == "fit":
             self.train_coco = self.annotations("train")
             self._check_categories(self.train_coco)
-            self.train_dataset = CocoImages(self.train_coco, train=True, transform=self.train_transform())
+            self.train_dataset = CocoImages(self.train_coco, train=True, transform=self.train_transform(), skip_corrupt=self.skip_corrupt)
         if stage in ("fit", "validate", "test"):
             self.val_coco = self.annotations("val")
             self._check_categories(self.val_coco)
-            self.val_dataset = CocoImages(self.val_coco, train=False, transform=self.eval_transform())
+            self.val_dataset = CocoImages(self.val_coco, train=False, transform=self.eval_transform(), skip_corrupt=self.skip_corrupt)
         if stage == "predict":
             if self.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images")
-            self.predict_dataset = PredictImages(self.predict_dir, v2.ToDtype(torch.float32, scale=True))
+            self.predict_dataset = PredictImages(self.predict_dir, v2.ToDtype(torch.float32, scale=True), self.skip_corrupt)
 
     def annotations(self, split: Literal["train", "val"]) -> CocoAnnotations:
         """The training or validation annotations, read in any ``format`` and checked."""

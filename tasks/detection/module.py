@@ -83,7 +83,7 @@ class ObjectDetectionTask(BaseTask):
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         return self.model(images, targets)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: Any) -> torch.Tensor:
         images, targets = batch
         losses = self.model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
         loss = losses["bbox_regression"] + losses["classification"]
@@ -110,7 +110,7 @@ class ObjectDetectionTask(BaseTask):
         if self.final_evaluation:
             log.info("%s", coco_table(results))
 
-    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+    def predict_batch(self, batch: Any) -> list[dict[str, Any]]:
         images, infos = batch
         detections = self.model(images)
         return [{"path": info["path"], **{k: v.cpu() for k, v in d.items()}} for info, d in zip(infos, detections)]

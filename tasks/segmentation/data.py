@@ -22,9 +22,9 @@ from tasks.common.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    ImageFiles,
     PredictImages,
     list_images,
-    read_image,
 )
 from tasks.common.demo import draw_shape, jittered_colour
 
@@ -85,8 +85,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return labels
 
 
-class SegmentationPairs(Dataset):
-    """(image, mask) files -> transformed (image tensor, int64 mask) pairs, with validated labels."""
+class SegmentationPairs(ImageFiles):
+    """(image, mask) files -> transformed (image tensor, int64 mask) pairs, with validated labels;
+    with ``skip_corrupt`` an unreadable image gives None (``ImageFiles``); a mask that cannot be
+    read or does not fit its image is always an error naming it (it is the annotation)."""
 
     def __init__(
         self,
@@ -95,7 +97,10 @@ class SegmentationPairs(Dataset):
         num_classes: int,
         ignore_index: int,
         label_offset: int = 0,
+        skip_corrupt: bool = False,
+        source: str = "",
     ) -> None:
+        super().__init__(source, skip_corrupt)
         self.pairs = list(pairs)
         self.transform = transform
         self.num_classes = num_classes
@@ -105,9 +110,11 @@ class SegmentationPairs(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         image_path, mask_path = self.pairs[index]
-        image = read_image(image_path)
+        image = self.read_or_skip(image_path)
+        if image is None:
+            return None
         labels = read_mask(mask_path)
         if labels.shape != tuple(image.shape[-2:]):
             raise InvalidMaskError(
@@ -124,9 +131,11 @@ class SegmentationPairs(Dataset):
             )
         return image, torch.from_numpy(labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels = self.load(index)
-        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(labels))
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        loaded = self.load(index)
+        if loaded is None:
+            return None
+        image, mask = self.transform(tv_tensors.Image(loaded[0]), tv_tensors.Mask(loaded[1]))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
@@ -172,6 +181,10 @@ class SegmentationDataModule(BaseDataModule):
     scaled by ``eval_scale`` (images bilinear, masks nearest: the metric is then that of the
     downscaled set; a budget setting, e.g. for CPU runs; 1.0 is the standard protocol).
 
+    Bad input: an unreadable image file is an error naming it, or with ``skip_corrupt`` is left out
+    and reported (as in every task: ``BaseDataModule``); a mask that cannot be read, does not match
+    its image's size or holds labels outside the classes and ``ignore_index`` is an error naming it.
+
     ``num_classes``, ``class_names`` and ``ignore_index`` are linked into the model by the CLI.
     """
 
@@ -192,6 +205,7 @@ class SegmentationDataModule(BaseDataModule):
         std: Sequence[float] = IMAGENET_STD,
         predict_dir: str | None = None,
         eval_scale: float = 1.0,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < eval_scale <= 1:
@@ -207,6 +221,7 @@ class SegmentationDataModule(BaseDataModule):
         self.ignore_index = ignore_index
         self.mean, self.std = list(mean), list(std)
         self.predict_dir = predict_dir
+        self.skip_corrupt = skip_corrupt
 
     @property
     def num_classes(self) -> int:
@@ -238,7 +253,8 @@ class SegmentationDataModule(BaseDataModule):
         pairs = self.pairs(split)
         if not pairs:
             raise FileNotFoundError(f"{type(self).__name__}: no (image, mask) pairs found for the {split} split")
-        return SegmentationPairs(pairs, transform, self.num_classes, self.ignore_index, self.label_offset)
+        return SegmentationPairs(pairs, transform, self.num_classes, self.ignore_index, self.label_offset, self.skip_corrupt,
+                                 source=f"{type(self).__name__} {split} split")
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -248,7 +264,7 @@ class SegmentationDataModule(BaseDataModule):
         if stage == "predict":
             if self.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images to segment")
-            self.predict_dataset = PredictImages(self.predict_dir, self.eval_transform())
+            self.predict_dataset = PredictImages(self.predict_dir, self.eval_transform(), self.skip_corrupt)
 
     def collate_fn(self, dataset: Dataset) -> Callable:
         return pad_collate(self.ignore_index)

@@ -98,7 +98,7 @@ class SemanticSegmentationTask(BaseTask):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: Any) -> torch.Tensor:
         images, masks = batch
         outputs = self(images)
         loss = F.cross_entropy(outputs["out"], masks, ignore_index=self.hparams.ignore_index)
@@ -131,7 +131,7 @@ class SemanticSegmentationTask(BaseTask):
             rows.append(f"{'mIoU':<{width}}  {100 * miou:6.2f}   pixel accuracy {100 * accuracy:.2f}")
             log.info("%s", "\n".join(rows))
 
-    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+    def predict_batch(self, batch: Any) -> list[dict[str, Any]]:
         images, infos = batch
         results = []
         for logits, info in zip(self(images)["out"], infos):
