@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser
+from lightning.pytorch.cli import ArgsType
 
 from tasks.classification.data import ImageFolderDataModule
 from tasks.classification.module import ImageClassificationTask, TopKPredictionWriter
@@ -10,10 +10,7 @@ from tasks.common.cli import TaskCLI
 
 
 class ClassificationCLI(TaskCLI):
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.add_lightning_class_args(TopKPredictionWriter, "predictions")
+    prediction_writer = TopKPredictionWriter
 
 
 def main(args: ArgsType = None, run: bool = True) -> TaskCLI:

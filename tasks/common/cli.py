@@ -197,7 +197,15 @@ class SaveConfigNextToLogs(SaveConfigCallback):
 
 class TaskCLI(LightningCLI):
     """LightningCLI with the ``export`` subcommand and this repo's defaults: the tasks' log lines
-    shown, ``config.yaml`` saved next to the logs only, the best checkpoint named at the end of fit."""
+    shown, ``config.yaml`` saved next to the logs only, the best checkpoint named at the end of fit.
+
+    A task's CLI names its ``prediction_writer`` (a callback, configured under ``predictions``) and
+    the data module's attributes that set model options of the same name (``data_to_model``, read
+    once the data module is built: the classes come from the data).
+    """
+
+    prediction_writer: type[pl.Callback] | None = None
+    data_to_model: tuple[str, ...] = ("num_classes", "class_names")
 
     def __init__(self, model_class: type[pl.LightningModule], *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", TaskTrainer)
@@ -213,6 +221,12 @@ class TaskCLI(LightningCLI):
         ))
         configure_cli_output()
         super().__init__(model_class, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        for name in self.data_to_model:
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        if self.prediction_writer is not None:
+            parser.add_lightning_class_args(self.prediction_writer, "predictions")
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         """Lightning's subcommands, with help lines that are whole sentences (Lightning's own are

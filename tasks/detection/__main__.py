@@ -10,11 +10,11 @@ from tasks.detection.module import DetectionWriter, ObjectDetectionTask
 
 
 class DetectionCLI(TaskCLI):
+    prediction_writer = DetectionWriter
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments("data.image_size", "model.image_size")
-        parser.add_lightning_class_args(DetectionWriter, "predictions")
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.image_size", "model.image_size")  # an option of both: set once, in data
 
 
 def main(args: ArgsType = None, run: bool = True) -> TaskCLI:

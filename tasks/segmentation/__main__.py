@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser
+from lightning.pytorch.cli import ArgsType
 
 from tasks.common.cli import TaskCLI
 from tasks.segmentation.data import SegmentationDataModule
@@ -10,11 +10,8 @@ from tasks.segmentation.module import MaskWriter, SemanticSegmentationTask
 
 
 class SegmentationCLI(TaskCLI):
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments("data.ignore_index", "model.ignore_index", apply_on="instantiate")
-        parser.add_lightning_class_args(MaskWriter, "predictions")
+    prediction_writer = MaskWriter
+    data_to_model = (*TaskCLI.data_to_model, "ignore_index")
 
 
 def main(args: ArgsType = None, run: bool = True) -> TaskCLI:
