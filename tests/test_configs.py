@@ -72,3 +72,12 @@ def test_default_root_dir_holds_logs_and_checkpoints(tmp_path):
     explicit = TaskCheckpoint(dirpath=str(tmp_path / "elsewhere"))
     trainer = TaskTrainer(default_root_dir=str(tmp_path / "run"), callbacks=[explicit], logger=False, accelerator="cpu")
     assert trainer.loggers == [] and Path(explicit.dirpath) == (tmp_path / "elsewhere").resolve()
+
+
+@pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
+def test_without_a_configured_folder_a_run_writes_under_outputs_task(task, tmp_path, capsys):
+    """Not into the working directory: logs and checkpoints go to outputs/<task>, as predictions and exports do."""
+    config = tmp_path / "bare.yaml"
+    config.write_text("data:\n  class_path: tasks.segmentation.data.FolderSegmentation\n  init_args: {root: x}\n"
+                      if task == "segmentation" else "data:\n  root: x\n")
+    assert resolved(task, config, capsys)["trainer"]["default_root_dir"] == f"outputs/{task}"

@@ -223,6 +223,8 @@ class TaskCLI(LightningCLI):
         super().__init__(model_class, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        # a run without a configured output folder writes under outputs/<task>, as predict and export do
+        parser.set_defaults({"trainer.default_root_dir": os.path.join("outputs", _task_folder(self.model_class))})
         for name in self.data_to_model:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
         if self.prediction_writer is not None:

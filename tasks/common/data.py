@@ -188,7 +188,6 @@ class ImageFiles(Dataset):
 
     def __init__(self, source: str, skip_corrupt: bool = False) -> None:
         self.source = source
-        self.skip_corrupt = skip_corrupt
         self.skipped = SkippedFiles() if skip_corrupt else None
 
     def read_or_skip(self, path: str | os.PathLike) -> torch.Tensor | None:
