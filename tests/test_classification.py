@@ -226,6 +226,7 @@ def test_progressive_resolution_resumes_at_the_resumed_epochs_size(image_root, t
         trainer = pl.Trainer(
             max_epochs=max_epochs, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
             accelerator="cpu", callbacks=[*callbacks, ProgressiveResolution(sizes=[32, 40, 48], milestones=[2, 4]), CosineWeightDecay()],
+            default_root_dir=str(tmp_path / "run"),
         )
         trainer.fit(ImageClassificationTask("s0", num_classes=5, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]}), data,
                     ckpt_path=ckpt_path)
