@@ -123,7 +123,7 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     which include ``lr`` (for ``reference_batch_size`` images per step), ``reference_batch_size``,
     ``momentum``, ``weight_decay`` and ``channels_last``, and implements:
 
-    - ``training_step``;
+    - ``training_loss(batch)`` (and ``predict_batch(batch)`` for ``predict``; empty batches never reach them);
     - ``evaluate(batch, prefix)``: update the metrics with one validation or test batch
       (``prefix`` is ``"val"`` or ``"test"``), and optionally ``log_epoch_metrics(prefix)`` at the
       end of the epoch (``final_evaluation`` says when to log a result table);
