@@ -35,7 +35,6 @@ __all__ = [
     "list_images",
     "make_loader",
     "read_image",
-    "read_image_or_skip",
 ]
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's. They stay the first
@@ -166,19 +165,6 @@ def list_images(directory: Path) -> list[Path]:
     )
 
 
-def read_image_or_skip(path: str | os.PathLike, skipped: SkippedFiles | None) -> torch.Tensor | None:
-    """``read_image(path)``; with ``skipped`` (a dataset's ``skip_corrupt``) an unreadable image is
-    counted there, warned about, and gives None instead of raising ``CorruptImageError``."""
-    try:
-        return read_image(path)
-    except CorruptImageError as error:
-        if skipped is None:
-            raise
-        skipped.add(path)
-        warnings.warn(f"skipped 1 unreadable image (skip_corrupt; the total follows at the end of the epoch): {error}")
-        return None
-
-
 class ImageFiles(Dataset):
     """Base of the datasets that read image files. ``read_or_skip(path)`` decodes one; an
     unreadable file raises ``CorruptImageError`` naming it, or with ``skip_corrupt`` gives None,
@@ -191,14 +177,21 @@ class ImageFiles(Dataset):
         self.skipped = SkippedFiles() if skip_corrupt else None
 
     def read_or_skip(self, path: str | os.PathLike) -> torch.Tensor | None:
-        return read_image_or_skip(path, self.skipped)
+        try:
+            return read_image(path)
+        except CorruptImageError as error:
+            if self.skipped is None:
+                raise
+            self.skipped.add(path)
+            warnings.warn(f"skipped 1 unreadable image (skip_corrupt; the total follows at the end of the epoch): {error}")
+            return None
 
 
 class PredictImages(ImageFiles):
     """Every image under ``directory`` (recursively, sorted), for ``predict``: samples
     ``(transform(image), {"path", "size": the image's (H, W), "input_size": the transformed (H, W)})``,
-    or None for an unreadable image with ``skip_corrupt`` (``ImageFiles``), which
-    ``collate_predict_batch`` leaves out.
+    or None for an unreadable image with ``skip_corrupt`` (``ImageFiles``), which the data
+    module's collate wrapper (``SkippingMissing``) leaves out.
 
     ``transform`` takes ``read_image``'s uint8 RGB tensor as a ``tv_tensors.Image``.
     """
@@ -222,12 +215,8 @@ class PredictImages(ImageFiles):
         return transformed, {"path": str(path), "size": tuple(image.shape[-2:]), "input_size": tuple(transformed.shape[-2:])}
 
 
-def collate_predict_batch(batch: list) -> tuple[torch.Tensor, list[dict[str, Any]]] | None:
-    """``PredictImages`` samples of one size as (images stacked, their info dicts); samples that
-    were skipped (None) left out, None if none is left."""
-    batch = [sample for sample in batch if sample is not None]
-    if not batch:
-        return None
+def collate_predict_batch(batch: list) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """``PredictImages`` samples of one size as (images stacked, their info dicts)."""
     images, infos = zip(*batch)
     return torch.stack(images), list(infos)
 
