@@ -194,3 +194,28 @@ def test_int8_sensitivity_rounds_one_layer_at_a_time_and_restores_the_network():
     with simulated_int8(network, ["2"], ["2"], ranges):
         assert not torch.equal(network[2].weight, weight) and network[2]._forward_pre_hooks and not network[0]._forward_pre_hooks
     assert torch.equal(network[2].weight, weight) and not network[2]._forward_pre_hooks, "restored on exit"
+
+
+def test_shortcut_ablation_adds_and_removes_identity_paths_without_changing_parameters():
+    from benchmarks.shortcut_ablation import PairWithShortcut, add_shortcuts, remove_shortcuts
+    from tasks.common.backbones import feature_extractor
+
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    plain = feature_extractor("mobileone", "s0", 16).eval()
+    with_shortcuts = feature_extractor("mobileone", "s0", 16).eval()
+    with_shortcuts.load_state_dict(plain.state_dict())
+    # S0's stages hold 2, 8, 10, 1 layer pairs; the first of each changes the shape
+    assert add_shortcuts(with_shortcuts) == 1 + 7 + 9
+    assert with_shortcuts.state_dict().keys() != plain.state_dict().keys()
+    assert sum(p.numel() for p in with_shortcuts.parameters()) == sum(p.numel() for p in plain.parameters())
+    pair = next(m for m in with_shortcuts.modules() if isinstance(m, PairWithShortcut))
+    x = torch.randn(1, pair.depthwise.in_channels, 8, 8)
+    torch.testing.assert_close(pair(x), x + pair.pointwise(pair.depthwise(x)))
+    assert not torch.allclose(with_shortcuts(images)[1], plain(images)[1])
+
+    network = feature_extractor("mobilenet_v2", "s0", 16).eval()
+    before = network(images)[0]  # C4: the output of a block with a shortcut
+    assert remove_shortcuts(network) == 10  # MobileNetV2's stride-1 blocks with equal in/out widths
+    assert remove_shortcuts(network) == 0
+    assert not torch.allclose(network(images)[0], before)
