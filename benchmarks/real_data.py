@@ -248,12 +248,16 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
 def tail_mean_sd(curve: list[dict], key: str, epochs: int = 5) -> tuple[float, float]:
     """Mean and standard deviation of ``key`` over the last ``epochs`` validations: how much the
     final figure moves from one epoch to the next, a floor for the noise of a comparison."""
-    values = [row[key] for row in curve if key in row][-epochs:]
-    mean = sum(values) / len(values)
-    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+    return mean_sd([row[key] for row in curve if key in row][-epochs:])
 
 
 def markdown(summary: dict) -> str:
@@ -287,6 +291,16 @@ def markdown(summary: dict) -> str:
             f"{_percent(run['untrained'][setting['metric']])} | "
             f"{other} | {run['wall_s'] / 60:.1f} min |"
         )
+    groups: dict[tuple[str, str], list[float]] = {}
+    for run in summary["runs"]:
+        groups.setdefault((run["task"], run["backbone"]), []).append(run["final"][summary["settings"][run["task"]]["metric"]])
+    if any(len(values) > 1 for values in groups.values()):
+        lines += ["", "Over the seeds (final metric, %; standard deviation across seeds):", "",
+                  "| task | backbone | metric | seeds | mean | standard deviation | range |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for (task, backbone), values in groups.items():
+            mean, sd = mean_sd(values)
+            lines.append(f"| {task} | {backbone} | {summary['settings'][task]['metric']} | {len(values)} | **{_percent(mean)}** | "
+                         f"{_percent(sd)} | {_percent(min(values))}–{_percent(max(values))} |")
     segmentation = [r for r in summary["runs"] if r["task"] == "segmentation"]
     if segmentation:
         names = sorted({k.removeprefix("IoU/") for r in segmentation for k in r["final"] if k.startswith("IoU/")},

@@ -138,6 +138,10 @@ def test_real_data_reads_curves_and_rewrites_only_its_section(tmp_path):
     section = markdown(summary)
     assert "| segmentation | CamVid (11 classes) | mobileone | 0 | 2 | mIoU | **40.0** | 32.5 ± 10.6 | 1.0 |" in section
     assert "| mobileone | 0 | 75.0 |" in section, "per-class IoU row"
+    assert "Over the seeds" not in section, "one seed: no spread to give"
+    second = {**run, "seed": 1, "final": {"mIoU": 0.2, "IoU/road": 0.5}}
+    two_seeds = markdown({**summary, "runs": [run, second]})
+    assert "| segmentation | mobileone | mIoU | 2 | **30.0** | 14.1 | 20.0–40.0 |" in two_seeds
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# Results\n\nbefore\n\n{SECTION_BEGIN}\nold table\n{SECTION_END}\n\nafter\n")
     write_section(results, section)
