@@ -121,6 +121,7 @@ def train_one(variant: str, datasets_root: Path, work: Path, seed: int, epochs: 
 
 
 def markdown(rows: list[dict]) -> str:
+    """The runs as a Markdown table (metrics in %)."""
     lines = ["| backbone | seed | blocks changed | mIoU | last 5 mean | tree IoU | train loss (last 10 steps) | mIoU per epoch | wall time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
