@@ -2,8 +2,8 @@
 
     python -m benchmarks.shortcut_ablation --datasets-root ../shared/datasets --seeds 0 1
 
-MobileOne is a plain network at inference: each layer's only shortcut is its BatchNorm skip
-branch, summed *before* the layer's ReLU (so that it folds into the convolution). MobileNetV2's
+MobileOne is a plain network at inference. In its train form each layer's only shortcut is its
+BatchNorm skip branch, summed *before* the layer's ReLU (so that it folds into the convolution). MobileNetV2's
 inverted residual blocks add their input to their output *after* the block, an identity path
 across the network. This benchmark trains the real-data segmentation recipe
 (``configs/segmentation/camvid.yaml``, only the backbone changes) with four backbones:
