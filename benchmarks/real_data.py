@@ -73,14 +73,18 @@ SETTINGS = {
 }
 
 
+def csv_logger(save_dir: Path, version: str) -> dict:
+    """The ``--trainer.logger`` value of a CSVLogger writing ``<save_dir>/<version>/metrics.csv``."""
+    return {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir), "name": "", "version": version}}
+
+
 def _override_config(work: Path, setting: Setting) -> Path:
     """Logger and checkpoints of one run into ``work`` (a second ``--config`` replaces the recipe's)."""
     monitor = f"val/{setting.metric}"
     content = {
         "trainer": {
             "enable_progress_bar": False,
-            "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-                        "init_args": {"save_dir": str(work), "name": "", "version": "fit"}}],
+            "logger": [csv_logger(work, "fit")],
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(work / "checkpoints"), "monitor": monitor, "mode": setting.monitor_mode,
@@ -153,9 +157,7 @@ def run_one(setting: Setting, backbone: str, datasets_root: Path, work_root: Pat
     common = ["--config", setting.config, "--config", str(override), setting.root_option, str(data),
               "--model.backbone", backbone, f"--seed_everything={seed}"]
     print(f"[real_data] {setting.task} / {backbone} / seed {seed}: untrained evaluation", flush=True)
-    _run([*task, "validate", *common, "--trainer.logger", json.dumps(
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(work), "name": "", "version": "untrained"}})],
-        work / "untrained.log")
+    _run([*task, "validate", *common, "--trainer.logger", json.dumps(csv_logger(work, "untrained"))], work / "untrained.log")
     untrained = _metrics(work / "untrained" / "metrics.csv")[-1]
     print(f"[real_data] {setting.task} / {backbone} / seed {seed}: training ({work / 'fit.log'})", flush=True)
     fit_args = [*common] + ([f"--trainer.max_epochs={epochs}"] if epochs else [])

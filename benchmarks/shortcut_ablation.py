@@ -33,7 +33,7 @@ from torch import nn
 from backbones.atomic import atomic_write_file
 from backbones.network import MobileOne, MobileOneBlock
 from benchmarks.machine import describe_machine
-from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS, _metrics, tail_mean_sd
+from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS, _metrics, csv_logger, tail_mean_sd
 
 CONFIG = SETTINGS["segmentation"].config
 
@@ -96,8 +96,7 @@ def train_one(variant: str, datasets_root: Path, work: Path, seed: int, epochs: 
     backbone, change = VARIANTS[variant]
     args = ["--config", CONFIG, "--data.init_args.root", str(datasets_root / "camvid"), "--model.backbone", backbone,
             f"--seed_everything={seed}", "--trainer.enable_progress_bar=false",
-            "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                            "init_args": {"save_dir": str(work), "name": "", "version": "fit"}}),
+            "--trainer.logger", json.dumps(csv_logger(work, "fit")),
             "--trainer.default_root_dir", str(work)]
     args += [f"--trainer.max_epochs={epochs}"] if epochs else []
     cli = segmentation_cli(args, run=False)
