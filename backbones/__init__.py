@@ -19,6 +19,7 @@ from backbones.network import (
     MobileOne,
     MobileOneBlock,
     SEBlock,
+    calibrate_from_fused_,
     mobileone,
     reparameterize_model,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "MobileOne",
     "MobileOneBlock",
     "SEBlock",
+    "calibrate_from_fused_",
     "coreml_op_types",
     "describe_state_dict",
     "fold_batchnorm_",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from backbones.network import VARIANTS, MobileOne, mobileone
+from backbones.network import VARIANTS, MobileOne, MobileOneBlock, mobileone
 
 __all__ = ["CheckpointMismatchError", "LoadReport", "describe_state_dict", "load_checkpoint", "read_state_dict"]
 
@@ -31,6 +31,7 @@ class LoadReport:
     source: str
     prefix: str = ""
     dropped: list[str] = field(default_factory=list)
+    from_fused: int = 0  # train-form layers built from a fused file's convolutions (see load_checkpoint)
 
 
 def _read(source: str | os.PathLike | Mapping, weights_only: bool) -> tuple[Mapping, str]:
@@ -225,8 +226,16 @@ def load_checkpoint(
     when the model is a feature extractor; stages a feature extractor did not build are left out
     too. Anything else that does not fit raises :class:`CheckpointMismatchError` listing missing,
     unexpected and wrongly shaped keys and saying which variant and form the file looks like.
+
+    A fused (inference-form) file loads into a train-form model too, for fine-tuning: each layer's
+    fused conv becomes its first conv branch behind a pass-through BatchNorm, the other branches
+    start at zero scale (``MobileOneBlock.train_form_state_from_fused``), so the model computes the
+    file's function exactly in eval mode. Those layers are marked ``from_fused``: before training,
+    ``calibrate_from_fused_`` gives their BatchNorms the statistics of real images (the tasks do it
+    at the start of ``fit``); fused again, the model reproduces the file's tensors.
     """
     state_dict, prefix, source, from_timm = _read_state_dict(checkpoint, prefix, weights_only)
+    from_fused = _train_form_from_fused(model, state_dict)
 
     if ignore_classifier is None:
         ignore_classifier = getattr(model, "out_indices", None) is not None
@@ -279,4 +288,26 @@ def load_checkpoint(
             lines.append(f"  (keys were read under the prefix {prefix!r})")
         raise CheckpointMismatchError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)
-    return LoadReport(source=source, prefix=prefix, dropped=sorted(dropped))
+    for layer in from_fused:
+        layer.from_fused = True
+    return LoadReport(source=source, prefix=prefix, dropped=sorted(dropped), from_fused=len(from_fused))
+
+
+def _train_form_from_fused(model: nn.Module, state_dict: dict) -> list[MobileOneBlock]:
+    """In ``state_dict``, in place: replace the ``<layer>.reparam_conv.*`` entries of the layers
+    that are in train form in ``model`` by their train-form state; return those layers."""
+    converted = []
+    for name, module in model.named_modules():
+        weight_key, bias_key = f"{name}.reparam_conv.weight", f"{name}.reparam_conv.bias"
+        if not isinstance(module, MobileOneBlock) or module.inference_mode or weight_key not in state_dict:
+            continue
+        if bias_key not in state_dict:
+            continue  # left to the mismatch report
+        try:
+            layer_state = module.train_form_state_from_fused(state_dict[weight_key], state_dict[bias_key])
+        except ValueError:
+            continue  # a shape mismatch: reported with the other keys
+        del state_dict[weight_key], state_dict[bias_key]
+        state_dict.update({f"{name}.{key}": value for key, value in layer_state.items()})
+        converted.append(module)
+    return converted

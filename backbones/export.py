@@ -25,6 +25,7 @@ __all__ = [
     "FORBIDDEN_ONNX_OPS",
     "FORBIDDEN_TORCHSCRIPT_OPS",
     "coreml_op_types",
+    "first_non_finite",
     "fold_batchnorm_",
     "fuse_for_deployment",
     "output_tensors",
@@ -111,6 +112,37 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     if isinstance(output, (list, tuple)):
         return [tensor for value in output for tensor in output_tensors(value)]
     return []
+
+
+def first_non_finite(network: nn.Module, inputs: torch.Tensor) -> str | None:
+    """Where ``network`` first holds or computes NaN / inf on ``inputs``: the first parameter or
+    buffer with a non-finite value (``"parameter stage1.0.reparam_conv.weight"``), else the first
+    submodule, in the order they finish, whose output has one (``"module stage2.3"``; the innermost
+    one, its parents finish later); ``None`` when everything is finite."""
+    for kind, named in (("parameter", network.named_parameters()), ("buffer", network.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{kind} {name}"
+    found: list[str] = []
+
+    def watch(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not found and any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in output_tensors(output)):
+                found.append(name)
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in network.named_modules() if name]
+    try:
+        with torch.no_grad():
+            output = network(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        return f"module {found[0]}"
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in output_tensors(output)):
+        return "the network's own computation (outside its submodules)"
+    return None
 
 
 def _other_inputs(example_inputs: torch.Tensor, dynamic_image_size: bool) -> torch.Tensor:

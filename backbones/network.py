@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "MobileOne",
     "MobileOneBlock",
     "SEBlock",
+    "calibrate_from_fused_",
     "mobileone",
     "reparameterize_model",
 ]
@@ -209,6 +210,32 @@ class MobileOneBlock(nn.Module):
             kernel = kernel + k
             bias = bias + b
         return kernel, bias
+
+    def train_form_state_from_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This train-form layer's state dict (keys relative to it) computing the fused conv
+        (``weight``, ``bias``) exactly in eval mode: the fused kernel in the first conv branch,
+        whose BatchNorm passes it through (running mean 0, variance 1, weight sqrt(1 + eps), bias
+        ``bias``, until ``calibrate_from_fused_`` gives it the statistics of real inputs); every
+        other branch (conv, scale, skip) keeps its initialized conv weights behind a BatchNorm of
+        weight 0 and bias 0, so it adds nothing at first and learns from the first step."""
+        if self.inference_mode:
+            raise ValueError("train_form_state_from_fused builds the train form: this layer is in inference form")
+        state = {key: value.detach().clone() for key, value in self.state_dict().items()}
+        if tuple(weight.shape) != tuple(state["rbr_conv.0.conv.weight"].shape) or tuple(bias.shape) != (self.out_channels,):
+            raise ValueError(f"fused conv of shapes {tuple(weight.shape)} / {tuple(bias.shape)} does not fit this layer "
+                             f"({tuple(state['rbr_conv.0.conv.weight'].shape)} / ({self.out_channels},))")
+        norms = [f"rbr_conv.{i}.bn" for i in range(self.num_conv_branches)]
+        norms += ["rbr_scale.bn"] * (self.rbr_scale is not None) + ["rbr_skip"] * (self.rbr_skip is not None)
+        for name in norms:
+            state[f"{name}.running_mean"].zero_()
+            state[f"{name}.running_var"].fill_(1.0)
+            state[f"{name}.weight"].zero_()
+            state[f"{name}.bias"].zero_()
+        first = self.rbr_conv[0].bn
+        state["rbr_conv.0.conv.weight"] = weight.detach().to(state["rbr_conv.0.conv.weight"].dtype).clone()
+        state["rbr_conv.0.bn.weight"].fill_((1.0 + first.eps) ** 0.5)
+        state["rbr_conv.0.bn.bias"] = bias.detach().to(state["rbr_conv.0.bn.bias"].dtype).clone()
+        return state
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -462,6 +489,72 @@ def mobileone(
         ignore_classifier = True if apple and model.num_classes != 1000 else None
         load_checkpoint(model, path, ignore_classifier=ignore_classifier)
     return model
+
+
+@torch.no_grad()
+def calibrate_from_fused_(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], object] | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> int:
+    """In place: give the layers that ``load_checkpoint`` built from a fused file (marked
+    ``from_fused``) the BatchNorm statistics of real inputs, so that their train-mode (batch
+    statistics) outputs match the fused network's as their eval-mode outputs already do.
+
+    ``forward(model, batch)`` (default ``model(batch)``) runs each of ``batches`` (the task's
+    training images) in eval mode; each marked layer's first conv branch records the per-channel
+    mean and variance of its output (float64), and its BatchNorm is set to running mean ``mu``,
+    variance ``var``, weight ``sqrt(var + eps)``, bias ``fused bias + mu``: the eval-mode function
+    is unchanged, exactly. ``all_reduce`` sums a tensor over processes (distributed training: every
+    process then sets the same statistics). Returns the number of layers calibrated (0: nothing marked).
+    """
+    layers = [m for m in model.modules() if isinstance(m, MobileOneBlock) and getattr(m, "from_fused", False)]
+    if not layers:
+        return 0
+    sums: dict[MobileOneBlock, list[torch.Tensor]] = {}
+
+    def record(layer: MobileOneBlock):  # noqa: ANN202
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            values = output.detach().double().transpose(0, 1).reshape(output.shape[1], -1)
+            totals = [values.sum(1), values.square().sum(1), torch.full_like(values[:, 0], values.shape[1])]
+            sums[layer] = totals if layer not in sums else [a + b for a, b in zip(sums[layer], totals)]
+        return hook
+
+    for layer in layers:  # the first branch's eval-mode function a * conv(x) + c, with a folded into the conv (a = 1 until
+        bn = layer.rbr_conv[0].bn  # a train-mode forward has moved the running statistics)
+        scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+        conv = layer.rbr_conv[0].conv
+        conv.weight.copy_(conv.weight.double() * scale.view(-1, *[1] * (conv.weight.ndim - 1)))
+        bn.bias.copy_(bn.bias.double() - bn.running_mean.double() * scale)
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+        bn.weight.fill_((1.0 + bn.eps) ** 0.5)
+    handles = [layer.rbr_conv[0].conv.register_forward_hook(record(layer)) for layer in layers]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        for batch in batches:
+            (forward or (lambda network, inputs: network(inputs)))(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    if len(sums) != len(layers):
+        raise RuntimeError(f"calibration saw {len(sums)} of the {len(layers)} layers built from a fused file: no batch reached the others")
+    for layer in layers:
+        total, squares, count = sums[layer] if all_reduce is None else [all_reduce(t) for t in sums[layer]]
+        mean = total / count
+        variance = (squares / count - mean.square()).clamp_min(0.0)
+        bn = layer.rbr_conv[0].bn
+        fused_bias = bn.bias.double().clone()  # running mean 0, variance 1, weight sqrt(1 + eps): the bias is the function's
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(variance)
+        bn.weight.copy_((variance + bn.eps).sqrt())
+        bn.bias.copy_(fused_bias + mean)
+        layer.from_fused = False
+    return len(layers)
 
 
 def reparameterize_model(model: nn.Module) -> nn.Module:

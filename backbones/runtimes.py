@@ -1,7 +1,8 @@
 """INT8 and ExecuTorch deployment of fused networks, and modules that run the deployed files.
 
 - ``quantize_onnx``: post-training static INT8 quantization of an ONNX file (onnxruntime's QDQ
-  format, per-channel symmetric int8 weights, int8 activations), calibrated on real inputs.
+  format, per-channel weights), calibrated on real inputs, in the integer ``scheme`` that
+  onnxruntime computes without saturation on this CPU (``int8_cpu`` / ``default_int8_scheme``).
 - ``to_executorch``: an ExecuTorch program (``.pte``) lowered to the XNNPACK delegate, in float32
   or INT8 (PT2E quantization with the XNNPACK quantizer, calibrated on real inputs).
 - ``OnnxRuntimeNetwork`` / ``ExecuTorchNetwork``: ``nn.Module`` wrappers that run such a file
@@ -30,14 +31,76 @@ from torch import nn
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "INT8_CPU_KINDS",
+    "INT8_SCHEMES",
     "ExecuTorchNetwork",
     "OnnxRuntimeNetwork",
+    "cpu_flags",
+    "default_int8_scheme",
     "executorch_available",
+    "int8_cpu",
     "quantize_onnx",
     "to_executorch",
 ]
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+# onnxruntime's x86 int8 kernels: with VNNI (AVX512-VNNI or AVX-VNNI) a u8 x s8 dot product
+# accumulates in int32 exactly; without it (AVX2, AVX-512 without VNNI) pairs of u8 x s8 products
+# are summed in int16 with saturation (vpmaddubsw), so the same file computes other outputs there.
+# s8 activations are shifted to u8 on x86, so s8s8 saturates as u8s8 does. reduce_range (7-bit
+# weights: a pair of products stays below 2**15) is exact on every x86 CPU at the cost of one bit of
+# weight precision; u8u8 QDQ convolutions are not fused into int8 kernels by onnxruntime (1.32)
+# (they run as float32 between quantize / dequantize nodes, slower than float32).
+# Measured: python -m benchmarks.int8_schemes --emulate-cpu Haswell.
+INT8_SCHEMES = ("s8s8", "u8u8", "reduce_range")
+INT8_CPU_KINDS = ("vnni", "no-vnni", "not-x86")
+INT8_CPU_VARIABLE = "MOBILEONE_INT8_CPU"  # forces int8_cpu()'s answer (tests; exporting for another CPU)
+
+
+def cpu_flags(proc_cpuinfo: bool = True) -> list[str]:
+    """The instruction-set extensions that decide onnxruntime's int8 kernels, as the CPU reports
+    them (cpuid, read by numpy): ``AVX2``, ``AVX512*`` (``AVX512VNNI`` among them), sorted; with
+    ``proc_cpuinfo`` also ``AVX_VNNI`` (VNNI without AVX-512, e.g. Alder Lake, which numpy does not
+    list) from /proc/cpuinfo on Linux (an emulator such as qemu-user shows the host's file there)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    flags = {name for name, present in features.items() if present and (name == "AVX2" or name.startswith("AVX512"))}
+    if proc_cpuinfo:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                if "avx_vnni" in next((line for line in handle if line.startswith("flags")), "").split():
+                    flags.add("AVX_VNNI")
+        except OSError:
+            pass
+    return sorted(flags)
+
+
+def int8_cpu(flags: Sequence[str] | None = None) -> str:
+    """``"vnni"``, ``"no-vnni"`` (x86 without VNNI: onnxruntime's u8 x s8 kernels saturate) or
+    ``"not-x86"``, for this CPU or one with the given ``cpu_flags()``; ``$MOBILEONE_INT8_CPU``
+    overrides it (one of ``INT8_CPU_KINDS``)."""
+    forced = os.environ.get(INT8_CPU_VARIABLE)
+    if forced:
+        if forced not in INT8_CPU_KINDS:
+            raise ValueError(f"{INT8_CPU_VARIABLE}={forced!r}: expected one of {INT8_CPU_KINDS}")
+        return forced
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "not-x86"
+    return "vnni" if {"AVX512VNNI", "AVX_VNNI"} & set(cpu_flags() if flags is None else flags) else "no-vnni"
+
+
+def default_int8_scheme(cpu: str | None = None) -> str:
+    """The INT8 scheme onnxruntime computes exactly on ``cpu`` (default: this one, ``int8_cpu()``):
+    ``s8s8`` with VNNI and off x86, ``reduce_range`` on x86 without VNNI."""
+    cpu = cpu or int8_cpu()
+    if cpu not in INT8_CPU_KINDS:
+        raise ValueError(f"cpu kind {cpu!r}: expected one of {INT8_CPU_KINDS}")
+    return "reduce_range" if cpu == "no-vnni" else "s8s8"
 
 
 def _inputs(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -67,13 +130,17 @@ def quantize_onnx(
     modules: Sequence[str] | None = None,
     input_name: str = "images",
     float_modules: Sequence[str] | None = None,
+    scheme: str | None = None,
 ) -> bytes:
     """INT8 copy of a float32 ONNX file, calibrated on ``calibration`` (batches of real inputs,
     preprocessed as for inference); returns the new file's bytes.
 
-    onnxruntime's static quantization in QDQ format: weights int8 symmetric per output channel,
-    activations int8 with ranges from ``method`` (``"minmax"``, ``"percentile"`` (99.999%) or
-    ``"entropy"``). The graph is first run through onnxruntime's pre-processing (graph
+    onnxruntime's static quantization in QDQ format, weights per output channel, activation ranges
+    from ``method`` (``"minmax"``, ``"percentile"`` (99.999%) or ``"entropy"``). ``scheme`` (one of
+    ``INT8_SCHEMES``; default ``default_int8_scheme()``, for this CPU): ``"s8s8"`` int8 activations
+    and symmetric int8 weights (exact with VNNI, saturates on x86 without it); ``"reduce_range"``
+    s8s8 with 7-bit weights (exact on every x86 CPU); ``"u8u8"`` uint8 activations and weights
+    (onnxruntime computes them in float32 between quantize / dequantize nodes: slow). The graph is first run through onnxruntime's pre-processing (graph
     optimization). With ``modules`` (names of submodules of the model that ``torch.onnx.export``
     exported) only their nodes are quantized; the rest (e.g. a detector's box decoding) stays
     float32; the nodes of ``float_modules`` (dotted submodule names) stay float32 too.
@@ -84,6 +151,10 @@ def quantize_onnx(
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
     if method not in methods:
         raise ValueError(f"calibration method {method!r}: expected one of {CALIBRATION_METHODS}")
+    scheme = scheme or default_int8_scheme()
+    if scheme not in INT8_SCHEMES:
+        raise ValueError(f"INT8 scheme {scheme!r}: expected one of {INT8_SCHEMES}")
+    types = QuantType.QUInt8 if scheme == "u8u8" else QuantType.QInt8
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -100,10 +171,10 @@ def quantize_onnx(
         quant_pre_process(source, prepared, skip_symbolic_shape=True)  # symbolic inference fails on dynamic-size Resize
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram methods print their progress
             quantize_static(
-                prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=scheme == "reduce_range",
+                activation_type=types, weight_type=types, calibrate_method=methods[method],
                 nodes_to_exclude=_nodes_left_float(onnx_bytes, modules, float_modules),
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": scheme != "u8u8"},
             )
         return Path(target).read_bytes()
 

@@ -21,8 +21,11 @@ def cpu_model() -> str:
 
 
 def describe_machine(device: str, threads: int | None = None) -> str:
-    """CPU model and core count, torch threads, GPU (on CUDA), and the versions that matter."""
-    parts = [f"{cpu_model()}, {os.cpu_count()} CPUs"]
+    """CPU model and core count, the instruction-set flags that decide onnxruntime's int8 kernels, torch threads, GPU (on CUDA), and the versions that matter."""
+    from backbones.runtimes import cpu_flags, int8_cpu
+
+    flags = [flag for flag in cpu_flags() if flag in ("AVX2", "AVX512F", "AVX512VNNI", "AVX_VNNI")]
+    parts = [f"{cpu_model()}, {os.cpu_count()} CPUs ({', '.join(flags) or 'no AVX2'}; int8 kernels: {int8_cpu()})"]
     if threads:
         parts.append(f"{threads} threads")
     if device == "cuda":

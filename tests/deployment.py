@@ -1,7 +1,8 @@
 """Shared by the tests of INT8 and ExecuTorch exports.
 
-``needs_executorch``: skips where the optional ``executorch`` package is absent, unless
-``MOBILEONE_REQUIRE_EXECUTORCH=1`` (CI), where the tests run and fail on the import.
+``needs_executorch``: marks a test ``executorch`` and skips it where the optional ``executorch``
+package is absent, unless ``MOBILEONE_REQUIRE_EXECUTORCH=1`` (CI), where the tests run and fail on
+the import.
 
 ``with_data_batchnorm``: a test checkpoint whose BatchNorm statistics match its weights, as a
 trained network's do. The tests' networks train for a few steps only: their running statistics are still near the
@@ -22,10 +23,15 @@ from torch import nn
 
 from backbones.runtimes import executorch_available
 
-needs_executorch = pytest.mark.skipif(
+_skip_without_executorch = pytest.mark.skipif(
     not executorch_available() and not os.environ.get("MOBILEONE_REQUIRE_EXECUTORCH"),
     reason='executorch is not installed: pip install -e ".[executorch]" (CI installs it)',
 )
+
+
+def needs_executorch(test):  # noqa: ANN001, ANN201 (a pytest decorator)
+    """Marks ``test`` ``executorch`` (CI's second run selects those) and skips it without the package."""
+    return pytest.mark.executorch(_skip_without_executorch(test))
 
 
 def with_data_batchnorm(checkpoint: Path, task_class: type, network_of, image_size: int | tuple[int, int], output: Path) -> Path:

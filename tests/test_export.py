@@ -2,6 +2,7 @@
 
 CoreML conversion is tested in test_coreml.py (needs the optional coremltools)."""
 
+import os
 from pathlib import Path
 
 import onnx
@@ -213,5 +214,8 @@ def test_export_on_fit_end_passes_any_export_option_and_names_unknown_ones(monke
     calls = []
     monkeypatch.setattr(callbacks, "export_task", lambda module, datamodule, output, **options: calls.append((output, options)))
     callback = callbacks.ExportOnFitEnd("out", torchscript=True, options={"int8": True, "calibration_images": 16})
-    callback.on_fit_end(SimpleNamespace(is_global_zero=True, interrupted=False, datamodule=None), None)
+    trainer = SimpleNamespace(is_global_zero=True, interrupted=False, datamodule=None, default_root_dir="runs/a")
+    callback.on_fit_end(trainer, None)
     assert calls == [("out", {"int8": True, "calibration_images": 16, "onnx": True, "torchscript": True, "tolerance": 1e-5})]
+    callbacks.ExportOnFitEnd().on_fit_end(trainer, None)
+    assert calls[-1][0] == os.path.join("runs/a", "exported"), "by default under the run's output folder"

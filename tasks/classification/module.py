@@ -38,7 +38,8 @@ class ImageClassificationTask(BaseTask):
         class_names: names of the classes (linked from the data; kept in checkpoints for ``predict``).
         weights: initial weights: ``"apple"`` (Apple's ImageNet release of ``variant``, train form,
             downloaded once into the weights cache), ``"hf-hub:<repo>"``, or a file: Apple's ``mobileone_sX_unfused.pth.tar`` (train form) or
-            ``mobileone_sX.pth.tar`` (inference form: the network is then built fused), or one of
+            ``mobileone_sX.pth.tar`` (inference form: the train form is built from it, computing its
+            function, and calibrated on training images at the start of ``fit``), or one of
             our ``.ckpt`` files. A classifier of another class count is re-initialized. For a
             torchvision baseline a torchvision state dict (or our ``.ckpt``), for timm a local file.
         backbone_kwargs: extra ``mobileone()`` arguments (``num_conv_branches``, ``use_se``, ...; MobileOne only).

@@ -104,8 +104,8 @@ def _torchvision_network(name: str, weights: str | None, num_classes: int = 1000
 def classifier_network(
     backbone: str, variant: str, num_classes: int, weights: str | None = None, backbone_kwargs: dict[str, Any] | None = None
 ) -> nn.Module:
-    """A whole classification network with ``num_classes`` outputs: MobileOne (train form, or
-    inference form when ``weights`` is a fused file such as Apple's ``mobileone_sX.pth.tar``), or a
+    """A whole classification network with ``num_classes`` outputs: MobileOne in train form (from a
+    fused file such as Apple's ``mobileone_sX.pth.tar`` too: see ``backbones.load_checkpoint``), or a
     baseline's own network (torchvision's or timm's). ``weights`` as for :func:`feature_extractor`;
     a classifier of another class count is left freshly initialized (a warning says so), while
     weights of another width (another variant) raise ``load_checkpoint``'s error naming the file."""
@@ -113,8 +113,7 @@ def classifier_network(
     weights = resolve_backbone_weights(backbone, variant, weights)
     if backbone == MOBILEONE:
         state = read_state_dict(weights) if weights else None
-        fused = state is not None and any(".reparam_conv." in key for key in state)
-        network = mobileone(variant, num_classes=num_classes, inference_mode=fused, **(backbone_kwargs or {}))
+        network = mobileone(variant, num_classes=num_classes, **(backbone_kwargs or {}))
         if state is not None:
             head = state.get("linear.weight")
             other_classes = head is not None and head.shape[0] != network.linear.weight.shape[0]
@@ -122,7 +121,8 @@ def classifier_network(
             if other_classes:
                 log.warning("weights %s have a %d-class classifier, the model has %d classes: the classifier is re-initialized",
                             weights, head.shape[0], num_classes)
-            log.info("loaded weights from %s%s", weights, f" (left out: {len(report.dropped)} keys)" if report.dropped else "")
+            log.info("loaded weights from %s%s%s", weights, f" (left out: {len(report.dropped)} keys)" if report.dropped else "",
+                     f"; {report.from_fused} layers built in train form from its fused convolutions" if report.from_fused else "")
         return network
     if backbone.startswith(TIMM_PREFIX):
         return _timm().create_model(backbone.removeprefix(TIMM_PREFIX), num_classes=num_classes, **_timm_weights(weights))

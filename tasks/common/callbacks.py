@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -156,13 +157,14 @@ class ExportOnFitEnd(pl.Callback):
     """Run the task's ``export`` at the end of ``fit`` (with EMA, from the averaged weights).
 
     Args:
-        output: the export folder (replaced as a whole).
+        output: the export folder (replaced as a whole); default ``exported/`` under the trainer's
+            ``default_root_dir``, the run's one output folder.
         onnx / torchscript / tolerance: as the ``export`` subcommand's options.
         options: any other options of the ``export`` subcommand, e.g. ``{int8: true, executorch:
             true, calibration_images: 128}`` (see ``python -m tasks.<task> export --help``).
     """
 
-    def __init__(self, output: str = "exported", onnx: bool = True, torchscript: bool = False, tolerance: float = 1e-5,
+    def __init__(self, output: str | None = None, onnx: bool = True, torchscript: bool = False, tolerance: float = 1e-5,
                  options: dict[str, Any] | None = None) -> None:
         unknown = sorted(set(options or {}) - set(EXPORT_OPTIONS))
         if unknown:
@@ -172,4 +174,5 @@ class ExportOnFitEnd(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.interrupted:
-            export_task(pl_module, trainer.datamodule, self.output, **self.options)
+            output = self.output if self.output is not None else os.path.join(trainer.default_root_dir, "exported")
+            export_task(pl_module, trainer.datamodule, output, **self.options)

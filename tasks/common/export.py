@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,9 +20,10 @@ from torch import nn
 
 from backbones.atomic import atomic_write_dir, check_replaceable
 from backbones.export import (
-    coreml_op_types, fuse_for_deployment, output_tensors, relative_error, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript,
+    coreml_op_types, first_non_finite, fuse_for_deployment, output_tensors, relative_error, save_mlpackage, to_coreml, to_onnx_bytes,
+    to_torchscript,
 )
-from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, quantize_onnx, to_executorch
+from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, cpu_flags, default_int8_scheme, int8_cpu, quantize_onnx, to_executorch
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,22 @@ def is_export_file(name: str) -> bool:
     """Whether ``name`` (an entry of an export folder) is one an export writes, or a temporary file
     an interrupted export of an earlier version (which wrote file by file) left behind."""
     return name in EXPORT_FILES or any(name.startswith(f".{known}.") and name.endswith(".tmp") for known in EXPORT_FILES)
+
+
+def is_finite(output: Any) -> bool:
+    """Whether every floating-point tensor of a model's output is free of NaN and inf."""
+    return all(bool(torch.isfinite(t).all()) for t in output_tensors(output) if t.is_floating_point())
+
+
+def refuse_non_finite(network: nn.Module, inputs: torch.Tensor, output: Any, what: str) -> None:
+    """Raise ``RuntimeError`` naming where ``network`` first goes non-finite if ``output`` (its
+    output on ``inputs``) holds NaN or inf: no figure computed from it would mean anything."""
+    if not is_finite(output):
+        where = first_non_finite(network, inputs) or "(not reproduced on a second run)"
+        raise RuntimeError(
+            f"{what} computes NaN or inf on {len(inputs)} validation images, first at {where}; nothing was written "
+            "(a diverged training? its train/loss and checkpoints show where it went non-finite)"
+        )
 
 
 def _worst_error(actual: Any, expected: Any) -> float:
@@ -80,6 +98,7 @@ def fuse_and_export(
     executorch: bool = False,
     calibration: list[torch.Tensor] | None = None,
     calibration_method: str = "minmax",
+    int8_scheme: str | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     metric: str | None = None,
     quantized_modules: Sequence[str] | None = None,
@@ -109,7 +128,8 @@ def fuse_and_export(
 
     Deployment files run on this machine (``backbones.runtimes``): ``int8`` adds ``model.int8.onnx``
     (onnxruntime static QDQ quantization calibrated on ``calibration``, batches of real training
-    inputs); ``executorch`` adds ``model.pte`` (ExecuTorch, XNNPACK delegate, float32, checked
+    inputs, in ``int8_scheme``, default the one exact on this CPU: ``default_int8_scheme()``; the
+    report's ``int8_calibration`` names it with the CPU's kind and flags); ``executorch`` adds ``model.pte`` (ExecuTorch, XNNPACK delegate, float32, checked
     against ``tolerance`` like ONNX) and with ``int8`` also ``model.int8.pte`` (PT2E quantization
     with the XNNPACK quantizer, same calibration). Each of these is run in its own runtime and
     compared with the fused float32 model (``report["deployed"][<file>]["vs_float32"]``: relative
@@ -140,6 +160,8 @@ def fuse_and_export(
     with torch.no_grad():
         reference = network(example_inputs)
         fused_output = fused(example_inputs)
+    refuse_non_finite(network, example_inputs, reference, "the trained network")
+    refuse_non_finite(fused, example_inputs, fused_output, "the fused network")
     matched, compared = (agreement or _argmax_agreement)(fused_output, reference)
     report: dict[str, Any] = {
         "fused_vs_unfused_relative_error": _worst_error(fused_output, reference),
@@ -185,7 +207,8 @@ def fuse_and_export(
         log.info("CoreML ML program converted (%s): ops %s (%.1f s)", coreml_precision, report["coreml"].get("op_types"), _since(started))
         writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
     deployed = _deployment_files(fused, example_inputs, fused_output, dynamic_image_size, tolerance, report, writers,
-                                 onnx_bytes if int8 else None, executorch, calibration, calibration_method, quantized_modules)
+                                 onnx_bytes if int8 else None, executorch, calibration, calibration_method, int8_scheme,
+                                 quantized_modules)
     if deployed:
         match = deployment_agreement or agreement or _argmax_agreement
         report["deployed"] = _compare_deployed(fused, deployed, example_inputs, match, evaluate, metric)
@@ -234,6 +257,7 @@ def _deployment_files(
     executorch: bool,
     calibration: list[torch.Tensor] | None,
     calibration_method: str,
+    int8_scheme: str | None,
     quantized_modules: Sequence[str] | None,
 ) -> dict[str, nn.Module]:
     """Build the INT8 ONNX and ExecuTorch files asked for, add their writers, and return a module
@@ -245,14 +269,18 @@ def _deployment_files(
     deployed: dict[str, nn.Module] = {}
     if quantize:
         started = time.perf_counter()
-        files[ONNX_INT8_FILE] = quantize_onnx(onnx_bytes_to_quantize, calibration, calibration_method, quantized_modules)
+        cpu = int8_cpu()
+        int8_scheme = int8_scheme or default_int8_scheme(cpu)
+        files[ONNX_INT8_FILE] = quantize_onnx(onnx_bytes_to_quantize, calibration, calibration_method, quantized_modules,
+                                              scheme=int8_scheme)
         deployed[ONNX_INT8_FILE] = OnnxRuntimeNetwork(files[ONNX_INT8_FILE])
         report["int8_calibration"] = {
-            "images": _count(calibration), "onnx_method": calibration_method,
+            "images": _count(calibration), "onnx_method": calibration_method, "onnx_scheme": int8_scheme,
+            "cpu": cpu, "cpu_flags": cpu_flags(),
             "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)" if executorch else None,
         }
-        log.info("INT8 ONNX quantized (static QDQ, %s calibration on %d images) (%.1f s)", calibration_method,
-                 _count(calibration), _since(started))
+        log.info("INT8 ONNX quantized (static QDQ, %s, %s calibration on %d images; this CPU: %s) (%.1f s)", int8_scheme,
+                 calibration_method, _count(calibration), cpu, _since(started))
     if executorch:
         started = time.perf_counter()
         files[EXECUTORCH_FILE] = to_executorch(fused, example_inputs, dynamic_image_size)
@@ -280,9 +308,10 @@ class _ComparedWithReference(nn.Module):
     """Runs ``candidate`` and, on the same inputs, ``reference``; returns the candidate's outputs
     and accumulates how the two differ (``summary()``)."""
 
-    def __init__(self, candidate: nn.Module, reference: nn.Module, agreement: Callable[[Any, Any], tuple[int, int]]) -> None:
+    def __init__(self, candidate: nn.Module, reference: nn.Module, agreement: Callable[[Any, Any], tuple[int, int]],
+                 name: str = "the deployed file") -> None:
         super().__init__()
-        self.candidate, self.reference, self.agreement = candidate, reference, agreement
+        self.candidate, self.reference, self.agreement, self.name = candidate, reference, agreement, name
         self.images = self.matched = self.compared = 0
         self.squared_errors: list[float] = []
         self.squared_norms: list[float] = []
@@ -290,6 +319,9 @@ class _ComparedWithReference(nn.Module):
     def forward(self, images: torch.Tensor) -> Any:
         with torch.no_grad():
             output, expected = self.candidate(images), self.reference(images)
+        if not is_finite(output):
+            raise RuntimeError(f"{self.name} computes NaN or inf on a validation batch of {len(images)} images "
+                               "where the fused float32 network is finite; nothing was written")
         matched, compared = self.agreement(output, expected)
         self.images += len(images)
         self.matched += matched
@@ -341,7 +373,7 @@ def _compare_deployed(
         log.info("%s (float32, PyTorch) validated: %s %s (%.1f s)", FUSED_WEIGHTS, metric, _format(reference_metric), _since(started))
     for name, runner in deployed.items():
         started = time.perf_counter()
-        compared = _ComparedWithReference(runner, fused, agreement)
+        compared = _ComparedWithReference(runner, fused, agreement, name)
         if evaluate is not None:
             validation = evaluate(compared)
         else:
@@ -367,7 +399,7 @@ def _percent(value: float | None) -> str:
 
 
 def _check(report: dict[str, Any], key: str, tolerance: float, what: str) -> None:
-    if report[key] > tolerance:
+    if not math.isfinite(report[key]) or report[key] > tolerance:  # NaN compares as within any tolerance
         raise RuntimeError(f"{what} by relative error {report[key]:.3e} > {tolerance:g} ({key}); nothing was written")
 
 
@@ -531,6 +563,7 @@ def export_task(
     executorch: bool = False,
     calibration_images: int = 256,
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
+    int8_scheme: Literal["s8s8", "u8u8", "reduce_range"] | None = None,
     validation_batches: int | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s network in inference form, checked on real validation inputs; the options
@@ -572,6 +605,10 @@ def export_task(
         calibration_method: how ``model.int8.onnx``'s activation ranges are set from them:
             ``minmax`` (the observed range), ``percentile`` (99.999%) or ``entropy`` (onnxruntime's
             methods); ``model.int8.pte`` uses the XNNPACK quantizer's histogram observer.
+        int8_scheme: ``model.int8.onnx``'s integer types (``backbones.runtimes.INT8_SCHEMES``);
+            default: the one onnxruntime computes exactly, without saturation, on this CPU (s8s8
+            with VNNI, reduce_range on x86 without VNNI; ``$MOBILEONE_INT8_CPU`` = ``vnni`` /
+            ``no-vnni`` exports for the other kind). Recorded in ``model.json`` with the CPU's flags.
         validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
             fused model are run through the validation split and their metrics recorded in
             ``model.json``; this limits that to the first batches (default: the whole split).
@@ -599,6 +636,7 @@ def export_task(
         executorch=executorch,
         calibration=calibration,
         calibration_method=calibration_method,
+        int8_scheme=int8_scheme,
         evaluate=evaluate if int8 or executorch else None,
         metric=model.validation_metric,
         quantized_modules=getattr(model, "export_quantized_modules", None),

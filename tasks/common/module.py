@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,8 +14,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 
+from backbones import calibrate_from_fused_
 from tasks.common.export import same_size_images, split_loader
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps
 from tasks.common.sampling import world_size_and_rank
@@ -143,6 +147,36 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     model: nn.Module
     validation_metric: str  # the metric an export quotes, e.g. "val/acc1"
     export_check_images = 8  # validation images the export compares the fused and trained networks on
+    fused_calibration_batches = 8  # training batches that calibrate MobileOne layers built from a fused file
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.calibrate_layers_from_fused()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        for module in self.modules():  # the checkpoint's weights replace what __init__ built from a fused file
+            if getattr(module, "from_fused", False):
+                module.from_fused = False
+
+    def calibrate_layers_from_fused(self) -> None:
+        """Give MobileOne layers loaded from a fused (inference-form) file the BatchNorm statistics
+        of ``fused_calibration_batches`` training batches (``backbones.calibrate_from_fused_``), so
+        that training starts from the file's function in train mode too. Not on a resumed fit:
+        its checkpoint holds the calibrated statistics. Distributed: statistics summed over processes."""
+        if self.trainer.ckpt_path is not None or not any(getattr(m, "from_fused", False) for m in self.modules()):
+            return
+        started = time.perf_counter()
+        loader = self.trainer.datamodule.train_dataloader()
+        batches = itertools.islice((batch for batch in loader if batch is not None), self.fused_calibration_batches)
+        reduce = None
+        if dist.is_available() and dist.is_initialized():
+            def reduce(tensor: torch.Tensor) -> torch.Tensor:
+                dist.all_reduce(tensor)
+                return tensor
+        layers = calibrate_from_fused_(self, batches, lambda task, batch: task(move_data_to_device(batch[0], task.device)), reduce)
+        log.info("calibrated the BatchNorm statistics of %d MobileOne layers built from a fused file on %d training batches (%.1f s)",
+                 layers, self.fused_calibration_batches, time.perf_counter() - started)
 
     # optimization
     def parameter_groups(self, lr: float) -> list[dict[str, Any]]:

@@ -43,7 +43,8 @@ class ObjectDetectionTask(BaseTask):
         num_classes: categories + background (linked from the data).
         class_names: category names (linked from the data).
         image_size: network input size (320 in the paper's setup).
-        backbone_weights: ImageNet checkpoint for the backbone (Apple's or one of our classification
+        backbone_weights: ImageNet checkpoint for the backbone (Apple's train- or inference-form file: a fused one is
+            rebuilt in train form and calibrated at the start of ``fit``; or one of our classification
             ``.ckpt``; a torchvision state dict for torchvision backbones).
         backbone_kwargs: extra ``mobileone()`` arguments (MobileOne only).
         lr: learning rate for ``reference_batch_size`` images per step (linear scaling).

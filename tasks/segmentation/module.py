@@ -53,7 +53,8 @@ class SemanticSegmentationTask(BaseTask):
         output_stride: 8 (ASPP 12/24/36) or 16 (6/12/18).
         aspp_channels: ASPP / head width (256 or 512).
         aux_loss_weight: weight of the auxiliary FCN head's loss on stage 3; 0 removes the head.
-        backbone_weights: ImageNet checkpoint for the backbone (Apple's or ours).
+        backbone_weights: ImageNet checkpoint for the backbone (Apple's train- or inference-form file: a fused one is
+            rebuilt in train form and calibrated at the start of ``fit``; or ours).
         backbone_kwargs: extra ``mobileone()`` arguments (``frozen_stages``, ``norm_eval``, ...; MobileOne only).
         lr: backbone learning rate for ``reference_batch_size`` images per step (linearly scaled
             with the global batch); the heads train at ``head_lr_multiplier`` times it.
