@@ -212,7 +212,8 @@ class MobileOneBlock(nn.Module):
         return kernel, bias
 
     def train_form_state_from_fused(self, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
-        """This train-form layer's state dict (keys relative to it) computing the fused conv
+        """This train-form layer's branch parameters and buffers (``rbr_*`` keys, relative to it; the
+        squeeze-excitation is the fused file's own) computing the fused conv
         (``weight``, ``bias``) exactly in eval mode: the fused kernel in the first conv branch,
         whose BatchNorm passes it through (running mean 0, variance 1, weight sqrt(1 + eps), bias
         ``bias``, until ``calibrate_from_fused_`` gives it the statistics of real inputs); every
@@ -220,7 +221,7 @@ class MobileOneBlock(nn.Module):
         weight 0 and bias 0, so it adds nothing at first and learns from the first step."""
         if self.inference_mode:
             raise ValueError("train_form_state_from_fused builds the train form: this layer is in inference form")
-        state = {key: value.detach().clone() for key, value in self.state_dict().items()}
+        state = {key: value.detach().clone() for key, value in self.state_dict().items() if key.startswith("rbr_")}
         if tuple(weight.shape) != tuple(state["rbr_conv.0.conv.weight"].shape) or tuple(bias.shape) != (self.out_channels,):
             raise ValueError(f"fused conv of shapes {tuple(weight.shape)} / {tuple(bias.shape)} does not fit this layer "
                              f"({tuple(state['rbr_conv.0.conv.weight'].shape)} / ({self.out_channels},))")

@@ -196,13 +196,16 @@ def test_wrong_variant_error_names_both_variants_and_keys():
 
 
 def test_wrong_form_error_says_how_to_fix():
+    """A train-form file does not fit an inference-form model (the other way round it loads: see
+    tests/test_fused_start.py)."""
     with pytest.raises(CheckpointMismatchError) as info:
-        load_checkpoint(mobileone("s0"), apple_state_dict("s0", fused=True))
+        load_checkpoint(mobileone("s0", inference_mode=True), apple_state_dict("s0", fused=False))
     message = str(info.value)
-    assert "The file looks like: MobileOne-S0, inference form" in message
-    assert "inference_mode=True" in message
-    assert "missing keys: stage0.rbr_conv.0.bn.bias" in message
-    assert "unexpected keys: stage0.reparam_conv.bias" in message
+    assert "The file looks like: MobileOne-S0, train form" in message
+    assert "reparameterize_model()" in message
+    assert "missing keys: stage0.reparam_conv.bias" in message
+    assert "unexpected keys: stage0.rbr_conv.0.bn.bias" in message
+    assert load_checkpoint(mobileone("s0"), apple_state_dict("s0", fused=True)).from_fused == 43
 
 
 def test_unreadable_inputs_are_named(tmp_path):

@@ -130,7 +130,7 @@ def test_finetune_with_other_class_count_reinitializes_classifier(image_root, tr
 
 
 def test_apple_weights_in_both_forms(image_root, tmp_path):
-    """``--model.weights`` takes Apple's files: a fused one builds the network in inference form."""
+    """``--model.weights`` takes Apple's files: a fused one builds the train form computing its function."""
     unfused = mobileone("s0", num_classes=5)
     torch.save(unfused.state_dict(), tmp_path / "mobileone_s0_unfused.pth.tar")
     torch.save(reparameterize_model(unfused).state_dict(), tmp_path / "mobileone_s0.pth.tar")
@@ -138,7 +138,8 @@ def test_apple_weights_in_both_forms(image_root, tmp_path):
 
     for name, fused in [("mobileone_s0_unfused.pth.tar", False), ("mobileone_s0.pth.tar", True)]:
         task = ImageClassificationTask("s0", num_classes=5, weights=str(tmp_path / name))
-        assert task.model.inference_mode == fused
+        assert not task.model.inference_mode and task.model.stage1[0].rbr_conv is not None
+        assert getattr(task.model.stage1[0], "from_fused", False) == fused
         x = torch.randn(1, 3, 32, 32)
         with torch.no_grad():
             assert relative_error(task.model.eval()(x), unfused.eval()(x)) < 1e-5
