@@ -245,14 +245,25 @@ def test_empty_class_folder_is_an_error_in_training_and_a_warning_in_validation(
     for image in (root / "val" / "cross").iterdir():
         image.unlink()
     data = ImageFolderDataModule(str(root), num_workers=0)
-    message = r"val: the class folder\(s\) .*val/cross hold no image files .*: the class\(es\) \['cross'\] are not evaluated"
+    message = r"val: 1 class folder \(cross\) hold no image files .*: those classes are not evaluated"
     with pytest.warns(UserWarning, match=message) as record:
         data.setup("validate")
     print(record[0].message)
+    for name in ("circle", "square", "stripes", "triangle"):  # many empty folders: a count and the first few names
+        for image in (root / "val" / name).iterdir():
+            image.unlink()
+    (root / "val" / "cross" / "one.jpg").write_bytes((root / "train" / "cross").glob("*").__next__().read_bytes())
+    with pytest.warns(UserWarning, match=r"val: 4 class folders \(circle, square, stripes, triangle\) hold") as record:
+        data.setup("validate")
+    assert len(str(record[0].message)) < 300
+    from tasks.classification.data import _count_and_first
+
+    assert _count_and_first([f"n{i:05d}" for i in range(500)], "class folder") == (
+        "500 class folders (the first 5: n00000, n00001, n00002, n00003, n00004, ...)")
     for image in (root / "train" / "cross").iterdir():
         image.unlink()
     (root / "train" / "cross" / "notes.txt").write_text("not an image")
-    message = r"train: the class folder\(s\) .*train/cross hold no image files \(.jpg, .*\); every training class needs images"
+    message = r"train: 1 class folder \(cross\) hold no image files \(.jpg, .*\); every training class needs images"
     with pytest.raises(FileNotFoundError, match=message) as caught:
         data.setup("fit")
     print(caught.value)

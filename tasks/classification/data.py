@@ -96,6 +96,13 @@ class LabelledImages(ImageFiles):
         return None if image is None else (self.transform(image), label)
 
 
+def _count_and_first(names: list[str], what: str, shown: int = 5) -> str:
+    """``"2 class folders (a, b)"``, or with more than ``shown`` names ``"500 class folders (the first 5: a, ...)"``."""
+    listed = ", ".join(names[:shown])
+    plural = what + ("s" if len(names) != 1 else "")
+    return f"{len(names)} {plural} ({listed})" if len(names) <= shown else f"{len(names)} {plural} (the first {shown}: {listed}, ...)"
+
+
 class ImageFolderDataModule(BaseDataModule):
     """ImageNet or any ImageFolder: ``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*``.
 
@@ -215,14 +222,14 @@ class ImageFolderDataModule(BaseDataModule):
         empty = [name for name, paths in zip(self.class_names, per_class) if not paths]
         if empty and split == self.train_split:
             raise FileNotFoundError(
-                f"{split_dir}: the class folder(s) {', '.join(str(split_dir / name) for name in empty)} hold no image files "
+                f"{split_dir}: {_count_and_first(empty, 'class folder')} hold no image files "
                 f"({', '.join(IMAGE_EXTENSIONS)}); every training class needs images: add some or remove the folder "
                 f"(from every split); {layout}"
             )
         if empty:
             warnings.warn(
-                f"{split_dir}: the class folder(s) {', '.join(str(split_dir / name) for name in empty)} hold no image files "
-                f"({', '.join(IMAGE_EXTENSIONS)}): the class(es) {empty} are not evaluated"
+                f"{split_dir}: {_count_and_first(empty, 'class folder')} hold no image files "
+                f"({', '.join(IMAGE_EXTENSIONS)}): those classes are not evaluated"
             )
         return samples
 
