@@ -299,8 +299,12 @@ def test_ema_weights_are_checkpointed_and_exported(image_root, tmp_path):
 
 
 @needs_executorch
-def test_export_to_int8_and_executorch_is_checked_on_the_validation_set(image_root, trained, tmp_path):
-    checkpoint = with_data_batchnorm(last_checkpoint(trained), ImageClassificationTask, lambda task: task.model, 32, tmp_path / "settled.ckpt")
+def test_export_to_int8_and_executorch_is_checked_on_the_validation_set(image_root, tmp_path):
+    # its own short fit at lr 0.01, not the test config's 0.4: at 0.4 the 7 steps diverge on some CPUs (AVX-512 Xeon: val
+    # loss 4.7e9, chance accuracy), and INT8 of a diverged network measures nothing
+    run("fit", image_root, tmp_path / "fit", "--model.lr=0.01")
+    checkpoint = with_data_batchnorm(last_checkpoint(tmp_path / "fit"), ImageClassificationTask, lambda task: task.model, 32,
+                                     tmp_path / "settled.ckpt")
     out = tmp_path / "exported"
     run("export", image_root, tmp_path, f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true", "--executorch=true",
         "--calibration_images=12")

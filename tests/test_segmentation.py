@@ -16,6 +16,7 @@ from conftest import load_config
 from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork
 from backbones.testing import relative_error
+from backbones.runtimes import cpu_flags, default_int8_scheme, int8_cpu
 from deployment import needs_executorch, with_data_batchnorm
 from tasks.segmentation.__main__ import main
 from tasks.segmentation.data import (
@@ -341,7 +342,8 @@ def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, t
     run("export", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true",
         "--executorch=true", "--calibration_images=6", "--calibration_method=percentile")
     metadata = json.loads((out / "model.json").read_text())
-    assert metadata["int8_calibration"] == {"images": 6, "onnx_method": "percentile",
+    assert metadata["int8_calibration"] == {"images": 6, "onnx_method": "percentile", "onnx_scheme": default_int8_scheme(),
+                                            "cpu": int8_cpu(), "cpu_flags": cpu_flags(),
                                             "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)"}
     deployed = metadata["deployed"]
     for name in ("model.int8.onnx", "model.int8.pte"):
