@@ -27,6 +27,7 @@ __all__ = [
     "coreml_op_types",
     "first_non_finite",
     "fold_batchnorm_",
+    "is_finite",
     "fuse_for_deployment",
     "output_tensors",
     "relative_error",
@@ -114,6 +115,11 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return []
 
 
+def is_finite(output: Any) -> bool:
+    """Whether every floating-point tensor of a model's output (as ``output_tensors`` reads it) is free of NaN and inf."""
+    return all(bool(torch.isfinite(t).all()) for t in output_tensors(output) if t.is_floating_point())
+
+
 def first_non_finite(network: nn.Module, inputs: torch.Tensor) -> str | None:
     """Where ``network`` first holds or computes NaN / inf on ``inputs``: the first parameter or
     buffer with a non-finite value (``"parameter stage1.0.reparam_conv.weight"``), else the first
@@ -121,13 +127,13 @@ def first_non_finite(network: nn.Module, inputs: torch.Tensor) -> str | None:
     one, its parents finish later); ``None`` when everything is finite."""
     for kind, named in (("parameter", network.named_parameters()), ("buffer", network.named_buffers())):
         for name, tensor in named:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if not is_finite(tensor):
                 return f"{kind} {name}"
     found: list[str] = []
 
     def watch(name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not found and any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in output_tensors(output)):
+            if not found and not is_finite(output):
                 found.append(name)
         return hook
 
@@ -140,7 +146,7 @@ def first_non_finite(network: nn.Module, inputs: torch.Tensor) -> str | None:
             handle.remove()
     if found:
         return f"module {found[0]}"
-    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in output_tensors(output)):
+    if not is_finite(output):
         return "the network's own computation (outside its submodules)"
     return None
 

@@ -52,7 +52,8 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 # weights: a pair of products stays below 2**15) is exact on every x86 CPU at the cost of one bit of
 # weight precision; u8u8 QDQ convolutions are not fused into int8 kernels by onnxruntime (1.32)
 # (they run as float32 between quantize / dequantize nodes, slower than float32).
-# Measured: python -m benchmarks.int8_schemes --emulate-cpu Haswell.
+# Measured under qemu-x86_64 -cpu Haswell (AVX2 kernels) by tests/test_runtimes.py's INT8 tests; on
+# real ImageNet weights: python -m benchmarks.int8_schemes --emulate-cpu Haswell.
 INT8_SCHEMES = ("s8s8", "u8u8", "reduce_range")
 INT8_CPU_KINDS = ("vnni", "no-vnni", "not-x86")
 INT8_CPU_VARIABLE = "MOBILEONE_INT8_CPU"  # forces int8_cpu()'s answer (tests; exporting for another CPU)

@@ -20,7 +20,7 @@ from torch import nn
 
 from backbones.atomic import atomic_write_dir, check_replaceable
 from backbones.export import (
-    coreml_op_types, first_non_finite, fuse_for_deployment, output_tensors, relative_error, save_mlpackage, to_coreml, to_onnx_bytes,
+    coreml_op_types, first_non_finite, fuse_for_deployment, is_finite, output_tensors, relative_error, save_mlpackage, to_coreml, to_onnx_bytes,
     to_torchscript,
 )
 from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, cpu_flags, default_int8_scheme, int8_cpu, quantize_onnx, to_executorch
@@ -45,11 +45,6 @@ def is_export_file(name: str) -> bool:
     """Whether ``name`` (an entry of an export folder) is one an export writes, or a temporary file
     an interrupted export of an earlier version (which wrote file by file) left behind."""
     return name in EXPORT_FILES or any(name.startswith(f".{known}.") and name.endswith(".tmp") for known in EXPORT_FILES)
-
-
-def is_finite(output: Any) -> bool:
-    """Whether every floating-point tensor of a model's output is free of NaN and inf."""
-    return all(bool(torch.isfinite(t).all()) for t in output_tensors(output) if t.is_floating_point())
 
 
 def refuse_non_finite(network: nn.Module, inputs: torch.Tensor, output: Any, what: str) -> None:
