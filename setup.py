@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["backbones", "backbones.*", "tasks", "tasks.*"]),
+    package_data={"tasks.classification": ["imagenet_classes.txt"]},  # ImageNet-1k's class list (--data.classes imagenet)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

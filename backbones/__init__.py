@@ -20,6 +20,7 @@ from backbones.network import (
     MobileOneBlock,
     SEBlock,
     calibrate_from_fused_,
+    mark_folded_batchnorms_,
     mobileone,
     reparameterize_model,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "fold_batchnorm_",
     "fuse_for_deployment",
     "load_checkpoint",
+    "mark_folded_batchnorms_",
     "mobileone",
     "read_state_dict",
     "reparameterize_model",

@@ -27,6 +27,7 @@ __all__ = [
     "MobileOneBlock",
     "SEBlock",
     "calibrate_from_fused_",
+    "mark_folded_batchnorms_",
     "mobileone",
     "reparameterize_model",
 ]
@@ -492,6 +493,43 @@ def mobileone(
     return model
 
 
+def mark_folded_batchnorms_(model: nn.Module) -> int:
+    """Mark (``from_fused``) the BatchNorms of ``model`` that carry folded weights: running mean 0,
+    ``running_var + eps`` = 1 and weight 1 in every channel, so that they only add a bias (the conv
+    before them holds the folded BatchNorm, as in torchvision's quantized releases). Train mode
+    (batch statistics) would destroy their function; ``calibrate_from_fused_`` gives them the
+    statistics of real inputs first. Only BatchNorms right after a conv in a ``nn.Sequential`` are
+    considered. Returns how many were marked."""
+    marked = 0
+    for _, bn in _conv_batchnorm_pairs(model):
+        folded = (
+            bool((bn.running_mean == 0).all()) and bool((bn.weight == 1).all())
+            and bool(((bn.running_var.double() + bn.eps) - 1.0).abs().max() < 1e-6)
+        )
+        if folded:
+            bn.from_fused = True
+            marked += 1
+    return marked
+
+
+def _conv_batchnorm_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """Every (conv, BatchNorm) pair of ``model``: consecutive children of a ``nn.Sequential``."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module.children())
+            pairs += [(a, b) for a, b in zip(children, children[1:]) if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)]
+    return pairs
+
+
+def _layers_to_calibrate(model: nn.Module) -> list[tuple[nn.Module, nn.Conv2d, nn.BatchNorm2d]]:
+    """(marked module, conv, BatchNorm) of every layer marked ``from_fused``: a MobileOne layer's
+    first conv branch, or a marked BatchNorm and the conv before it."""
+    layers = [(m, m.rbr_conv[0].conv, m.rbr_conv[0].bn) for m in model.modules()
+              if isinstance(m, MobileOneBlock) and getattr(m, "from_fused", False)]
+    return layers + [(bn, conv, bn) for conv, bn in _conv_batchnorm_pairs(model) if getattr(bn, "from_fused", False)]
+
+
 @torch.no_grad()
 def calibrate_from_fused_(
     model: nn.Module,
@@ -499,39 +537,40 @@ def calibrate_from_fused_(
     forward: Callable[[nn.Module, Any], object] | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
-    """In place: give the layers that ``load_checkpoint`` built from a fused file (marked
-    ``from_fused``) the BatchNorm statistics of real inputs, so that their train-mode (batch
-    statistics) outputs match the fused network's as their eval-mode outputs already do.
+    """In place: give the layers built from a fused file (marked ``from_fused``: the MobileOne layers
+    that ``load_checkpoint`` rebuilt in train form, the BatchNorms that ``mark_folded_batchnorms_``
+    found) the BatchNorm statistics of real inputs, so that their train-mode (batch statistics)
+    outputs match the fused network's as their eval-mode outputs already do.
 
     ``forward(model, batch)`` (default ``model(batch)``) runs each of ``batches`` (the task's
-    training images) in eval mode; each marked layer's first conv branch records the per-channel
-    mean and variance of its output (float64), and its BatchNorm is set to running mean ``mu``,
+    training images) in eval mode; the conv before each marked BatchNorm records the per-channel
+    mean and variance of its output (float64), and the BatchNorm is set to running mean ``mu``,
     variance ``var``, weight ``sqrt(var + eps)``, bias ``fused bias + mu``: the eval-mode function
     is unchanged, exactly. ``all_reduce`` sums a tensor over processes (distributed training: every
     process then sets the same statistics). Returns the number of layers calibrated (0: nothing marked).
     """
-    layers = [m for m in model.modules() if isinstance(m, MobileOneBlock) and getattr(m, "from_fused", False)]
+    layers = _layers_to_calibrate(model)
     if not layers:
         return 0
-    sums: dict[MobileOneBlock, list[torch.Tensor]] = {}
+    sums: dict[nn.Conv2d, list[torch.Tensor]] = {}
 
-    def record(layer: MobileOneBlock):  # noqa: ANN202
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            values = output.detach().double().transpose(0, 1).reshape(output.shape[1], -1)
-            totals = [values.sum(1), values.square().sum(1), torch.full_like(values[:, 0], values.shape[1])]
-            sums[layer] = totals if layer not in sums else [a + b for a, b in zip(sums[layer], totals)]
-        return hook
+    def record(conv: nn.Conv2d, args: Any, output: torch.Tensor) -> None:
+        values = output.detach().double().transpose(0, 1).reshape(output.shape[1], -1)
+        totals = [values.sum(1), values.square().sum(1), torch.full_like(values[:, 0], values.shape[1])]
+        sums[conv] = totals if conv not in sums else [a + b for a, b in zip(sums[conv], totals)]
 
-    for layer in layers:  # the first branch's eval-mode function a * conv(x) + c, with a folded into the conv (a = 1 until
-        bn = layer.rbr_conv[0].bn  # a train-mode forward has moved the running statistics)
-        scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
-        conv = layer.rbr_conv[0].conv
+    for _, conv, bn in layers:  # the pair's eval-mode function a * conv(x) + c, with a folded into the conv (a = 1 until a
+        scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()  # train-mode forward has moved the statistics)
         conv.weight.copy_(conv.weight.double() * scale.view(-1, *[1] * (conv.weight.ndim - 1)))
-        bn.bias.copy_(bn.bias.double() - bn.running_mean.double() * scale)
+        bias = bn.bias.double() - bn.running_mean.double() * scale
+        if conv.bias is not None:  # its bias moves into the BatchNorm's
+            bias += conv.bias.double() * scale
+            conv.bias.zero_()
+        bn.bias.copy_(bias)
         bn.running_mean.zero_()
         bn.running_var.fill_(1.0)
         bn.weight.fill_((1.0 + bn.eps) ** 0.5)
-    handles = [layer.rbr_conv[0].conv.register_forward_hook(record(layer)) for layer in layers]
+    handles = [conv.register_forward_hook(record) for _, conv, _ in layers]
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
@@ -544,17 +583,16 @@ def calibrate_from_fused_(
             module.training = training
     if len(sums) != len(layers):
         raise RuntimeError(f"calibration saw {len(sums)} of the {len(layers)} layers built from a fused file: no batch reached the others")
-    for layer in layers:
-        total, squares, count = sums[layer] if all_reduce is None else [all_reduce(t) for t in sums[layer]]
+    for marked, conv, bn in layers:
+        total, squares, count = sums[conv] if all_reduce is None else [all_reduce(t) for t in sums[conv]]
         mean = total / count
         variance = (squares / count - mean.square()).clamp_min(0.0)
-        bn = layer.rbr_conv[0].bn
         fused_bias = bn.bias.double().clone()  # running mean 0, variance 1, weight sqrt(1 + eps): the bias is the function's
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(variance)
         bn.weight.copy_((variance + bn.eps).sqrt())
         bn.bias.copy_(fused_bias + mean)
-        layer.from_fused = False
+        marked.from_fused = False
     return len(layers)
 
 

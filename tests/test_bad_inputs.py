@@ -245,7 +245,7 @@ def test_empty_class_folder_is_an_error_in_training_and_a_warning_in_validation(
     for image in (root / "val" / "cross").iterdir():
         image.unlink()
     data = ImageFolderDataModule(str(root), num_workers=0)
-    message = r"val: 1 class folder \(cross\) hold no image files .*: those classes are not evaluated"
+    message = r"val: 1 class \(cross\) without image files .*: those classes are not evaluated"
     with pytest.warns(UserWarning, match=message) as record:
         data.setup("validate")
     print(record[0].message)
@@ -253,7 +253,7 @@ def test_empty_class_folder_is_an_error_in_training_and_a_warning_in_validation(
         for image in (root / "val" / name).iterdir():
             image.unlink()
     (root / "val" / "cross" / "one.jpg").write_bytes((root / "train" / "cross").glob("*").__next__().read_bytes())
-    with pytest.warns(UserWarning, match=r"val: 4 class folders \(circle, square, stripes, triangle\) hold") as record:
+    with pytest.warns(UserWarning, match=r"val: 4 classes \(circle, square, stripes, triangle\) without") as record:
         data.setup("validate")
     assert len(str(record[0].message)) < 300
     from tasks.classification.data import _count_and_first
@@ -263,7 +263,7 @@ def test_empty_class_folder_is_an_error_in_training_and_a_warning_in_validation(
     for image in (root / "train" / "cross").iterdir():
         image.unlink()
     (root / "train" / "cross" / "notes.txt").write_text("not an image")
-    message = r"train: 1 class folder \(cross\) hold no image files \(.jpg, .*\); every training class needs images"
+    message = r"train: 1 class \(cross\) without image files \(.jpg, .*\); every training class needs images"
     with pytest.raises(FileNotFoundError, match=message) as caught:
         data.setup("fit")
     print(caught.value)

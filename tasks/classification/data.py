@@ -29,9 +29,33 @@ from tasks.common.data import (
 )
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 
-__all__ = ["ImageFolderDataModule", "make_demo_dataset"]
+__all__ = ["IMAGENET_CLASSES", "ImageFolderDataModule", "make_demo_dataset", "read_class_list"]
 
 DEMO_CLASSES = ("circle", "cross", "square", "stripes", "triangle")
+IMAGENET_CLASSES = Path(__file__).with_name("imagenet_classes.txt")  # ImageNet-1k: wnid<TAB>WordNet lemmas, in label order
+
+
+def read_class_list(source: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The (folder names, readable names) of a class list, in label order: ``"imagenet"`` for
+    ImageNet-1k's 1000 classes (the order of ImageNet classifiers: Apple's, timm's, torchvision's),
+    or a text file with one class per line, ``<folder name>`` or ``<folder name><TAB><readable name>``
+    (line i is label i; blank lines are skipped)."""
+    path = IMAGENET_CLASSES if str(source) == "imagenet" else Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"class list {source} does not exist: give 'imagenet' or a text file, one class folder name per line")
+    folders, names = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        folder, _, name = line.partition("\t")
+        folder = folder.strip()
+        if folder in folders:
+            raise ValueError(f"{path}, line {number}: class {folder!r} is listed twice (first on line {folders.index(folder) + 1} of the non-blank lines)")
+        folders.append(folder)
+        names.append(name.strip() or folder)
+    if not folders:
+        raise ValueError(f"class list {path} names no class: one class folder name per line")
+    return folders, names
 
 
 def layout_help(root: str | os.PathLike, train_split: str, val_split: str) -> str:
@@ -99,15 +123,15 @@ class LabelledImages(ImageFiles):
 def _count_and_first(names: list[str], what: str, shown: int = 5) -> str:
     """``"2 class folders (a, b)"``, or with more than ``shown`` names ``"500 class folders (the first 5: a, ...)"``."""
     listed = ", ".join(names[:shown])
-    plural = what + ("s" if len(names) != 1 else "")
+    plural = what if len(names) == 1 else (what + "es" if what.endswith("s") else what + "s")
     return f"{len(names)} {plural} ({listed})" if len(names) <= shown else f"{len(names)} {plural} (the first {shown}: {listed}, ...)"
 
 
 class ImageFolderDataModule(BaseDataModule):
     """ImageNet or any ImageFolder: ``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*``.
 
-    Class names are the sorted directory names of the training split; ``num_classes`` and
-    ``class_names`` are linked into the model by the CLI.
+    The classes are the sorted directory names of the training split, or those of a class list
+    (``classes``); ``num_classes`` and ``class_names`` are linked into the model by the CLI.
 
     Args:
         root: dataset root.
@@ -120,6 +144,12 @@ class ImageFolderDataModule(BaseDataModule):
             (the same plus AutoAugment's ImageNet policy, S2-S4).
         crop_scale: area range of the random-resized crop.
         mean / std: normalization.
+        classes: the classes in label order, instead of the training split's folders: ``"imagenet"``
+            (ImageNet-1k's 1000 wnids in the order of ImageNet classifiers, named by their WordNet
+            lemmas in ``class_names``: what ``predict`` writes) or a text file, one class per line,
+            ``<folder name>`` or ``<folder name><TAB><readable name>`` (``read_class_list``). Then
+            ``validate``, ``test``, ``predict`` and ``export`` need no training split, and a split may
+            hold a subset of the class folders (the others are not evaluated).
         skip_corrupt: skip unreadable images instead of raising, also in ``predict`` (no prediction for
             them): one warning per epoch and split gives the exact total over all worker processes
             and the first names. A class folder without images is an error in the training split and
@@ -145,6 +175,7 @@ class ImageFolderDataModule(BaseDataModule):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        classes: str | None = None,
         skip_corrupt: bool = False,
         predict_dir: str | None = None,
         demo: bool = False,
@@ -159,13 +190,20 @@ class ImageFolderDataModule(BaseDataModule):
         self.skip_corrupt = skip_corrupt
         self._image_size = SharedImageSize(image_size)
         if demo:
+            self.class_folders = list(DEMO_CLASSES)
             self.class_names = list(DEMO_CLASSES)
+        elif classes is not None:
+            self.class_folders, self.class_names = read_class_list(classes)
         else:
             train_dir = self.root / train_split
             if not train_dir.is_dir():
-                raise FileNotFoundError(f"{train_dir} does not exist; {layout_help(root, train_split, val_split)}")
-            self.class_names = list_classes(train_dir)
-            if not self.class_names:
+                raise FileNotFoundError(
+                    f"{train_dir} does not exist, and without a training split the classes need a list: "
+                    f"--data.classes imagenet (ImageNet-1k, for ImageNet weights) or a text file; {layout_help(root, train_split, val_split)}"
+                )
+            self.class_folders = list_classes(train_dir)
+            self.class_names = list(self.class_folders)
+            if not self.class_folders:
                 raise FileNotFoundError(f"{train_dir} holds no class directories; {layout_help(root, train_split, val_split)}")
         self.mean, self.std = list(mean), list(std)
         self.normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
@@ -209,26 +247,30 @@ class ImageFolderDataModule(BaseDataModule):
         if not split_dir.is_dir():
             raise FileNotFoundError(f"{split_dir} does not exist; {layout}")
         found = list_classes(split_dir)
-        if found != self.class_names:
-            missing = sorted(set(self.class_names) - set(found))
-            extra = sorted(set(found) - set(self.class_names))
+        if self.hparams.classes is None and found != self.class_folders:
+            missing = sorted(set(self.class_folders) - set(found))
+            extra = sorted(set(found) - set(self.class_folders))
             raise ValueError(
                 f"the classes of {split_dir} differ from the training classes: missing {missing}, unexpected {extra}; {layout}"
             )
-        per_class = [list_images(split_dir / name) for name in self.class_names]
+        unknown = sorted(set(found) - set(self.class_folders))
+        if unknown:
+            raise ValueError(f"{split_dir}: {_count_and_first(unknown, 'class folder')} not in the class list {self.hparams.classes}")
+        present = set(found)
+        per_class = [list_images(split_dir / name) if name in present else [] for name in self.class_folders]
         samples = [(path, label) for label, paths in enumerate(per_class) for path in paths]
         if not samples:
             raise FileNotFoundError(f"{split_dir} holds no images; {layout}")
-        empty = [name for name, paths in zip(self.class_names, per_class) if not paths]
+        empty = [name for name, paths in zip(self.class_folders, per_class) if not paths]
         if empty and split == self.train_split:
             raise FileNotFoundError(
-                f"{split_dir}: {_count_and_first(empty, 'class folder')} hold no image files "
-                f"({', '.join(IMAGE_EXTENSIONS)}); every training class needs images: add some or remove the folder "
-                f"(from every split); {layout}"
+                f"{split_dir}: {_count_and_first(empty, 'class')} without image files "
+                f"({', '.join(IMAGE_EXTENSIONS)}); every training class needs images: add some or remove the class "
+                f"(from every split, or from the class list); {layout}"
             )
         if empty:
             warnings.warn(
-                f"{split_dir}: {_count_and_first(empty, 'class folder')} hold no image files "
+                f"{split_dir}: {_count_and_first(empty, 'class')} without image files "
                 f"({', '.join(IMAGE_EXTENSIONS)}): those classes are not evaluated"
             )
         return samples

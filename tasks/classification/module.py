@@ -118,7 +118,7 @@ class ImageClassificationTask(BaseTask):
         top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
         names = self.hparams.class_names or [str(i) for i in range(probabilities.shape[1])]
         return [
-            {"path": path, "top5": [(names[i], float(p)) for i, p in zip(indices.tolist(), scores.tolist())]}
+            {"path": path, "top5": [(i, names[i], float(p)) for i, p in zip(indices.tolist(), scores.tolist())]}
             for path, indices, scores in zip((info["path"] for info in infos), top.indices, top.values)
         ]
 
@@ -159,7 +159,8 @@ class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):
     """Write ``predict``'s top-5 classes and probabilities per image to a CSV file (atomically).
 
     Args:
-        output: the CSV file (``path``, then ``class1, probability1`` ... per image), replaced if it exists.
+        output: the CSV file (``path``, then ``index1, class1, probability1`` ... per image: the class
+            index, its name from the model's ``class_names``, its probability), replaced if it exists.
     """
 
     def __init__(self, output: str = "outputs/classification/predictions.csv") -> None:
@@ -171,14 +172,14 @@ class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):
         if rows is None:
             return
         k = max((len(row["top5"]) for row in rows), default=0)
-        header = ["path"] + [f"{field}{i}" for i in range(1, k + 1) for field in ("class", "probability")]
+        header = ["path"] + [f"{field}{i}" for i in range(1, k + 1) for field in ("index", "class", "probability")]
 
         def write(path: Path) -> None:
             with open(path, "w", newline="") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(header)
                 for row in rows:
-                    writer.writerow([row["path"]] + [v for name, p in row["top5"] for v in (name, f"{p:.6f}")])
+                    writer.writerow([row["path"]] + [v for index, name, p in row["top5"] for v in (index, name, f"{p:.6f}")])
 
         atomic_write_file(self.output, write)
         log.info("wrote top-%d predictions for %d images to %s", k, len(rows), self.output)

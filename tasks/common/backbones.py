@@ -27,7 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
-from backbones import FeatureInfo, is_apple_weights, load_checkpoint, mobileone, read_state_dict, resolve_weights
+from backbones import FeatureInfo, is_apple_weights, load_checkpoint, mark_folded_batchnorms_, mobileone, read_state_dict, resolve_weights
 
 __all__ = ["BASELINE_BACKBONES", "TorchvisionFeatures", "backbone_name", "classifier_network", "feature_extractor",
            "resolve_backbone_weights"]
@@ -98,6 +98,10 @@ def _torchvision_network(name: str, weights: str | None, num_classes: int = 1000
         missing = [k for k in missing if not (head and k.startswith("classifier."))]
         if missing or unexpected:
             raise ValueError(f"{weights} does not fit torchvision's {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        folded = mark_folded_batchnorms_(network)
+        if folded:  # e.g. a quantized release dequantized: conv + BatchNorm fused, every BatchNorm an identity plus bias
+            log.info("weights %s: %d BatchNorms hold folded weights (identity statistics); they are calibrated on "
+                     "training images at the start of fit", weights, folded)
     return network
 
 

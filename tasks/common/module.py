@@ -175,7 +175,7 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
                 dist.all_reduce(tensor)
                 return tensor
         layers = calibrate_from_fused_(self, batches, lambda task, batch: task(move_data_to_device(batch[0], task.device)), reduce)
-        log.info("calibrated the BatchNorm statistics of %d MobileOne layers built from a fused file on %d training batches (%.1f s)",
+        log.info("calibrated the BatchNorm statistics of %d layers built from a fused file on %d training batches (%.1f s)",
                  layers, self.fused_calibration_batches, time.perf_counter() - started)
 
     # optimization
