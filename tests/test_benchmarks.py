@@ -124,7 +124,7 @@ def test_compiled_training_runs_on_cpu():
 
 
 def test_real_data_reads_curves_and_rewrites_only_its_section(tmp_path):
-    from benchmarks.real_data import SECTION_BEGIN, SECTION_END, SETTINGS, _metrics, markdown, write_section
+    from benchmarks.real_data import SECTION_BEGIN, SECTION_END, SETTINGS, _metrics, markdown, merge, write_section
 
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("epoch,step,train/loss,val/mIoU,val/IoU/road\n0,4,1.5,,\n0,5,,0.25,0.5\n1,9,1.2,,\n1,10,,0.4,0.75\n")
@@ -136,12 +136,23 @@ def test_real_data_reads_curves_and_rewrites_only_its_section(tmp_path):
     summary = {"commands": ["python -m benchmarks.real_data"], "machine": "test box", "class_order": ["road"],
                "settings": {"segmentation": {**vars(setting), "extra_metrics": list(setting.extra_metrics)}}, "runs": [run]}
     section = markdown(summary)
-    assert "| segmentation | CamVid (11 classes) | mobileone | 0 | 2 | mIoU | **40.0** | 32.5 ± 10.6 | 1.0 |" in section
-    assert "| mobileone | 0 | 75.0 |" in section, "per-class IoU row"
+    assert "| segmentation | CamVid (11 classes) | mobileone | scratch | 0 | 2 | mIoU | **40.0** | 32.5 ± 10.6 | 1.0 |" in section
+    assert "| mobileone | scratch | 0 | 75.0 |" in section, "per-class IoU row"
     assert "Over the seeds" not in section, "one seed: no spread to give"
+    assert "camvid.yaml" in section and "camvid_pretrained.yaml" not in section, "only the recipes of the runs shown"
     second = {**run, "seed": 1, "final": {"mIoU": 0.2, "IoU/road": 0.5}}
     two_seeds = markdown({**summary, "runs": [run, second]})
-    assert "| segmentation | mobileone | mIoU | 2 | **30.0** | 14.1 | 20.0–40.0 |" in two_seeds
+    assert "| segmentation | mobileone | scratch | mIoU | 2 | **30.0** | 14.1 | 20.0–40.0 |" in two_seeds
+    # a pretrained run of the same backbone and seed is another row, and merging keeps both
+    pretrained = {**run, "start": "imagenet", "final": {"mIoU": 0.5, "IoU/road": 0.9}, "untrained": {"mIoU": 0.05}}
+    imagenet = [{"backbone": "mobileone", "weights": "/w/mobileone_s0.pth.tar", "images": 500, "task_acc1": 0.828,
+                 "task_acc5": 0.95, "reference_acc1": 0.828, "reference_acc5": 0.95}]
+    merged = merge({**summary, "runs": [run, second]}, {**summary, "runs": [pretrained], "imagenet": imagenet})
+    assert [(r.get("start", "scratch"), r["seed"]) for r in merged["runs"]] == [("scratch", 0), ("scratch", 1), ("imagenet", 0)]
+    both = markdown(merged)
+    assert "| segmentation | CamVid (11 classes) | mobileone | imagenet | 0 | 2 | mIoU | **50.0** |" in both
+    assert "| mobileone | `mobileone_s0.pth.tar` | 500 | **82.8** | 95.0 | 82.8 | 95.0 |" in both
+    assert "camvid_pretrained.yaml" in both
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# Results\n\nbefore\n\n{SECTION_BEGIN}\nold table\n{SECTION_END}\n\nafter\n")
     write_section(results, section)

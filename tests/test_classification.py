@@ -20,7 +20,7 @@ from tasks.classification.__main__ import ClassificationCLI, main
 from tasks.classification.data import ImageFolderDataModule, make_demo_dataset
 from tasks.common.data import CorruptImageError
 from tasks.classification.module import ImageClassificationTask
-from tasks.common.callbacks import CosineWeightDecay, ProgressiveResolution
+from tasks.common.callbacks import CosineWeightDecay, FreezeBatchNormStatistics, ProgressiveResolution
 
 CONFIG = str(Path(__file__).parent / "configs" / "classification.yaml")
 CLASSES = ["circle", "cross", "square", "stripes", "triangle"]
@@ -280,6 +280,38 @@ def test_every_shipped_config_runs(config, image_root, tmp_path, monkeypatch, ap
           "--data.num_workers=0", "--trainer.enable_progress_bar=false", *own_classes])
     if config.stem == "finetune":  # ExportOnFitEnd ran
         assert (tmp_path / "outputs" / "classification" / "finetune" / "exported" / "model_fused.pt").is_file()
+
+
+def test_freeze_batchnorm_statistics_recalibrates_then_keeps_them_fixed(image_root):
+    """Before ``start_epoch`` the running statistics move every step; at it they are recomputed over
+    training batches and from then on every BatchNorm trains in eval mode, its statistics fixed, while the weights still train."""
+
+    class Watch(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, bool, torch.Tensor, torch.Tensor]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            bn = pl_module.model.stage1[0].rbr_conv[0].bn
+            self.seen.append((trainer.current_epoch, bn.training, bn.running_mean.clone(), bn.weight.detach().clone()))
+
+    data = ImageFolderDataModule(str(image_root), batch_size=4, num_workers=0, image_size=32, eval_resize=36, eval_image_size=32)
+    model = ImageClassificationTask(num_classes=5, lr=0.1)
+    freeze, watch = FreezeBatchNormStatistics(start_epoch=1, recalibration_batches=3), Watch()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[freeze, watch], limit_train_batches=3, limit_val_batches=1,
+                         num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=data)
+    first = [s for s in watch.seen if s[0] == 0]
+    frozen = [s for s in watch.seen if s[0] == 1]
+    assert len(first) >= 2 and len(frozen) >= 2
+    assert all(training for _, training, _, _ in first) and not any(training for _, training, _, _ in frozen)
+    assert not torch.equal(first[0][2], first[-1][2]), "statistics move before start_epoch"
+    assert all(torch.equal(frozen[0][2], s[2]) for s in frozen), "and stay fixed from it on"
+    assert not torch.equal(frozen[0][3], frozen[-1][3]), "while the BatchNorm's weights still train"
+    moved = (first[-1][2] - frozen[0][2]).abs().max()
+    assert moved > 0, "recalibrated at start_epoch"
+    with pytest.raises(ValueError, match="start_epoch must be >= 0"):
+        FreezeBatchNormStatistics(start_epoch=-1)
 
 
 def test_ema_weights_are_checkpointed_and_exported(image_root, tmp_path):

@@ -10,13 +10,14 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from tasks.common.export import export_task
 
-__all__ = ["CosineWeightDecay", "ExportOnFitEnd", "ProgressiveResolution", "TaskCheckpoint"]
+__all__ = ["CosineWeightDecay", "ExportOnFitEnd", "FreezeBatchNormStatistics", "ProgressiveResolution", "TaskCheckpoint"]
 
 # the keyword options of export_task (those of the export subcommand)
 EXPORT_OPTIONS = tuple(name for name, p in inspect.signature(export_task).parameters.items() if p.kind is p.KEYWORD_ONLY)
@@ -106,6 +107,65 @@ class CosineWeightDecay(pl.Callback):
                 if group.setdefault("apply_weight_decay", group.get("weight_decay", 0.0) > 0):
                     group["weight_decay"] = weight_decay
         pl_module.log("train/weight_decay", weight_decay, on_step=False, on_epoch=True)
+
+
+class FreezeBatchNormStatistics(pl.Callback):
+    """From epoch ``start_epoch`` on, train with every BatchNorm in eval mode: its running statistics,
+    recomputed first over ``recalibration_batches`` training batches (an exact average, not the
+    moving one), stay fixed, and the last epochs fit the weights to the statistics that validation
+    and the fused export use instead of to each batch's own.
+
+    For short runs on small batches, where a network comes to rely on batch statistics that no fixed
+    statistics reproduce (measured on the detection demo: see its config). Distributed: the
+    recalibrated statistics are averaged over processes. A run resumed after ``start_epoch`` keeps
+    the checkpoint's statistics (one resumed within it recalibrates again).
+    """
+
+    def __init__(self, start_epoch: int, recalibration_batches: int = 20) -> None:
+        if start_epoch < 0 or recalibration_batches < 1:
+            raise ValueError(f"start_epoch must be >= 0 and recalibration_batches >= 1, got {start_epoch}, {recalibration_batches}")
+        self.start_epoch = start_epoch
+        self.recalibration_batches = recalibration_batches
+
+    @staticmethod
+    def batchnorms(pl_module: pl.LightningModule) -> list[torch.nn.Module]:
+        return [m for m in pl_module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    @torch.no_grad()
+    def recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        norms = self.batchnorms(pl_module)
+        momenta = [bn.momentum for bn in norms]
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the batches below
+        pl_module.eval()  # the task's inference forward (no targets needed), its BatchNorms on batch statistics
+        for bn in norms:
+            bn.train()
+        seen = 0
+        for batch in trainer.train_dataloader:
+            if batch is None:
+                continue
+            pl_module(pl_module.transfer_batch_to_device(batch, pl_module.device, 0)[0])
+            seen += 1
+            if seen == self.recalibration_batches:
+                break
+        pl_module.train()
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+            if trainer.world_size > 1:
+                bn.running_mean.copy_(trainer.strategy.reduce(bn.running_mean, reduce_op="mean"))
+                bn.running_var.copy_(trainer.strategy.reduce(bn.running_var, reduce_op="mean"))
+        rank_zero_info(f"FreezeBatchNormStatistics: {len(norms)} BatchNorms recalibrated on {seen} training batches; "
+                       f"their statistics stay fixed from epoch {self.start_epoch}")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.start_epoch:
+            self.recalibrate(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch >= self.start_epoch:  # Lightning sets train mode again after each validation
+            for bn in self.batchnorms(pl_module):
+                bn.eval()
 
 
 class ProgressiveResolution(pl.Callback):
