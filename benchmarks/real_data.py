@@ -270,10 +270,11 @@ def _plot_curves(runs: list[dict], setting: Setting, path: Path) -> None:
             epochs = [row["epoch"] + 1 for row in run["curve"] if key in row]
             values = [100 * row[key] for row in run["curve"] if key in row]
             axis.plot(epochs, values, style, color=f"C{lines.index(line)}", marker="os^v"[seeds.index(run["seed"]) % 4],
-                      markersize=3, label=f"{line[0]} ({line[1]}) seed {run['seed']} {key}")
+                      markersize=3, label=f"{line[0]} ({line[1]}) {key}" if run["seed"] == seeds[0] else None)
     axis.set_xlabel("epoch")
     axis.set_ylabel(f"validation {' / '.join(keys)} (%)")
-    axis.set_title(f"{setting.task}: {setting.dataset}, on the CPU")
+    axis.set_title(f"{setting.task}: {setting.dataset}, on the CPU\n(seeds {', '.join(map(str, seeds))}: markers {' '.join('os^v'[:len(seeds)])})",
+                   fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
