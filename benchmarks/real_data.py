@@ -214,8 +214,9 @@ def reference_top1(backbone: str, weights: str, images: Path) -> tuple[float, fl
     from torchvision import transforms
 
     from backbones import mobileone
+    from benchmarks.int8_schemes import imagenet_sample
+    from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 
-    wnids = (images / "classes.txt").read_text().split()
     if backbone == "mobileone":
         network = mobileone("s0", inference_mode=True)
     else:
@@ -223,14 +224,14 @@ def reference_top1(backbone: str, weights: str, images: Path) -> tuple[float, fl
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     network.eval()
     transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                    transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    files = sorted((images / "val").glob("*/*"))
+                                    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    files, indices = imagenet_sample(images)
     top1 = top5 = 0
     with torch.no_grad():
         for first in range(0, len(files), 50):
             chunk = files[first:first + 50]
             batch = torch.stack([transform(Image.open(path).convert("RGB")) for path in chunk])
-            labels = torch.tensor([wnids.index(path.parent.name) for path in chunk])
+            labels = torch.tensor(indices[first:first + 50])
             best = network(batch).topk(5, dim=1).indices
             top1 += int((best[:, 0] == labels).sum())
             top5 += int((best == labels[:, None]).any(1).sum())
