@@ -24,6 +24,7 @@ from backbones.network import (
     mobileone,
     reparameterize_model,
 )
+from backbones.quantization import prepare_for_int8
 
 __all__ = [
     "atomic_write_dir",
@@ -43,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "mark_folded_batchnorms_",
     "mobileone",
+    "prepare_for_int8",
     "read_state_dict",
     "reparameterize_model",
     "save_mlpackage",

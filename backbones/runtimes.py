@@ -33,6 +33,7 @@ __all__ = [
     "CALIBRATION_METHODS",
     "INT8_CPU_KINDS",
     "INT8_SCHEMES",
+    "INT8_WEIGHT_LEVELS",
     "ExecuTorchNetwork",
     "OnnxRuntimeNetwork",
     "cpu_flags",
@@ -56,6 +57,9 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 # real ImageNet weights: python -m benchmarks.int8_schemes --emulate-cpu Haswell.
 INT8_SCHEMES = ("s8s8", "u8u8", "reduce_range")
 INT8_CPU_KINDS = ("vnni", "no-vnni", "not-x86")
+# Each scheme's symmetric per-channel weight levels either side of 0 (onnxruntime: int8 [-127, 127],
+# reduce_range [-64, 64]); u8u8's weights are asymmetric (no bias correction is prepared for them).
+INT8_WEIGHT_LEVELS = {"s8s8": 127, "reduce_range": 64, "u8u8": None}
 INT8_CPU_VARIABLE = "MOBILEONE_INT8_CPU"  # forces int8_cpu()'s answer (tests; exporting for another CPU)
 
 

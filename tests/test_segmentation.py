@@ -344,6 +344,7 @@ def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, t
     metadata = json.loads((out / "model.json").read_text())
     assert metadata["int8_calibration"] == {"images": 6, "onnx_method": "percentile", "onnx_scheme": default_int8_scheme(),
                                             "cpu": int8_cpu(), "cpu_flags": cpu_flags(),
+                                            "preparation": "equalized activations, weight-rounding bias corrected (backbones.quantization)",
                                             "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)"}
     deployed = metadata["deployed"]
     for name in ("model.int8.onnx", "model.int8.pte"):

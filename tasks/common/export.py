@@ -23,7 +23,17 @@ from backbones.export import (
     coreml_op_types, first_non_finite, fuse_for_deployment, is_finite, output_tensors, relative_error, save_mlpackage, to_coreml, to_onnx_bytes,
     to_torchscript,
 )
-from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, cpu_flags, default_int8_scheme, int8_cpu, quantize_onnx, to_executorch
+from backbones.quantization import prepare_for_int8
+from backbones.runtimes import (
+    INT8_WEIGHT_LEVELS,
+    ExecuTorchNetwork,
+    OnnxRuntimeNetwork,
+    cpu_flags,
+    default_int8_scheme,
+    int8_cpu,
+    quantize_onnx,
+    to_executorch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +108,7 @@ def fuse_and_export(
     metric: str | None = None,
     quantized_modules: Sequence[str] | None = None,
     deployment_agreement: Callable[[Any, Any], tuple[int, int]] | None = None,
+    int8_preparation: bool = True,
 ) -> dict[str, Any]:
     """Fuse ``network`` and write it to ``output_dir``; return what was written and the measured errors.
 
@@ -126,7 +137,10 @@ def fuse_and_export(
     inputs, in ``int8_scheme``, default the one exact on this CPU: ``default_int8_scheme()``; the
     report's ``int8_calibration`` names it with the CPU's kind and flags); ``executorch`` adds ``model.pte`` (ExecuTorch, XNNPACK delegate, float32, checked
     against ``tolerance`` like ONNX) and with ``int8`` also ``model.int8.pte`` (PT2E quantization
-    with the XNNPACK quantizer, same calibration). Each of these is run in its own runtime and
+    with the XNNPACK quantizer, same calibration). With ``int8_preparation`` both INT8 files are
+    made from ``backbones.quantization.prepare_for_int8``'s copy of the fused network (the same
+    function: MobileOne's activations equalized per channel, the bias of every quantized layer
+    corrected for its weights' int8 rounding, on the calibration batches). Each of these is run in its own runtime and
     compared with the fused float32 model (``report["deployed"][<file>]["vs_float32"]``: relative
     error of the outputs and the prediction agreement, from ``deployment_agreement`` when given
     (a looser match than ``agreement``'s for INT8's moved scores), else as defined above). With ``evaluate`` (a
@@ -203,7 +217,7 @@ def fuse_and_export(
         writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
     deployed = _deployment_files(fused, example_inputs, fused_output, dynamic_image_size, tolerance, report, writers,
                                  onnx_bytes if int8 else None, executorch, calibration, calibration_method, int8_scheme,
-                                 quantized_modules)
+                                 quantized_modules, int8_preparation)
     if deployed:
         match = deployment_agreement or agreement or _argmax_agreement
         report["deployed"] = _compare_deployed(fused, deployed, example_inputs, match, evaluate, metric)
@@ -254,6 +268,7 @@ def _deployment_files(
     calibration_method: str,
     int8_scheme: str | None,
     quantized_modules: Sequence[str] | None,
+    int8_preparation: bool,
 ) -> dict[str, nn.Module]:
     """Build the INT8 ONNX and ExecuTorch files asked for, add their writers, and return a module
     running each (by file name)."""
@@ -266,12 +281,16 @@ def _deployment_files(
         started = time.perf_counter()
         cpu = int8_cpu()
         int8_scheme = int8_scheme or default_int8_scheme(cpu)
-        files[ONNX_INT8_FILE] = quantize_onnx(onnx_bytes_to_quantize, calibration, calibration_method, quantized_modules,
-                                              scheme=int8_scheme)
+        source = onnx_bytes_to_quantize
+        if int8_preparation:
+            prepared = prepare_for_int8(fused, calibration, INT8_WEIGHT_LEVELS[int8_scheme], modules=quantized_modules)
+            source = to_onnx_bytes(prepared, example_inputs, dynamic_image_size)
+        files[ONNX_INT8_FILE] = quantize_onnx(source, calibration, calibration_method, quantized_modules, scheme=int8_scheme)
         deployed[ONNX_INT8_FILE] = OnnxRuntimeNetwork(files[ONNX_INT8_FILE])
         report["int8_calibration"] = {
             "images": _count(calibration), "onnx_method": calibration_method, "onnx_scheme": int8_scheme,
             "cpu": cpu, "cpu_flags": cpu_flags(),
+            "preparation": "equalized activations, weight-rounding bias corrected (backbones.quantization)" if int8_preparation else None,
             "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)" if executorch else None,
         }
         log.info("INT8 ONNX quantized (static QDQ, %s, %s calibration on %d images; this CPU: %s) (%.1f s)", int8_scheme,
@@ -287,7 +306,8 @@ def _deployment_files(
         _check(report, "executorch_vs_pytorch_relative_error", tolerance, "the ExecuTorch program's output differs from PyTorch's")
         if quantize:
             started = time.perf_counter()
-            files[EXECUTORCH_INT8_FILE] = to_executorch(fused, example_inputs, dynamic_image_size, calibration, modules=quantized_modules)
+            prepared = prepare_for_int8(fused, calibration, modules=quantized_modules) if int8_preparation else fused
+            files[EXECUTORCH_INT8_FILE] = to_executorch(prepared, example_inputs, dynamic_image_size, calibration, modules=quantized_modules)
             deployed[EXECUTORCH_INT8_FILE] = ExecuTorchNetwork(files[EXECUTORCH_INT8_FILE])
             log.info("INT8 ExecuTorch program (PT2E, XNNPACK) quantized and lowered (%.1f s)", _since(started))
     for name, content in files.items():
@@ -559,6 +579,7 @@ def export_task(
     calibration_images: int = 256,
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
     int8_scheme: Literal["s8s8", "u8u8", "reduce_range"] | None = None,
+    int8_preparation: bool = True,
     validation_batches: int | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s network in inference form, checked on real validation inputs; the options
@@ -604,6 +625,10 @@ def export_task(
             default: the one onnxruntime computes exactly, without saturation, on this CPU (s8s8
             with VNNI, reduce_range on x86 without VNNI; ``$MOBILEONE_INT8_CPU`` = ``vnni`` /
             ``no-vnni`` exports for the other kind). Recorded in ``model.json`` with the CPU's flags.
+        int8_preparation: quantize a copy of the fused network prepared for INT8 (the same
+            function; ``backbones.quantization.prepare_for_int8``): MobileOne's activations
+            equalized per channel, each quantized layer's bias corrected for its weights' int8
+            rounding. Off: the fused network as it is (plain post-training quantization).
         validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
             fused model are run through the validation split and their metrics recorded in
             ``model.json``; this limits that to the first batches (default: the whole split).
@@ -632,6 +657,7 @@ def export_task(
         calibration=calibration,
         calibration_method=calibration_method,
         int8_scheme=int8_scheme,
+        int8_preparation=int8_preparation,
         evaluate=evaluate if int8 or executorch else None,
         metric=model.validation_metric,
         quantized_modules=getattr(model, "export_quantized_modules", None),

@@ -342,8 +342,11 @@ class COCODetection(BaseDataModule):
     sorted names in the training split's XML files, for yolo ``root/data.yaml``'s ``names`` or
     ``root/classes.txt`` (ids 1..K in class-index order). See ``tasks.detection.formats``.
 
-    Training augmentation (SSD's): photometric distortion, expand (zoom out 1-``zoom_out``x, 4 in
-    the paper's setup), min-IoU random crop, resize to ``image_size``, horizontal flip; with
+    Training augmentation (SSD's): photometric distortion (``photometric``), expand (zoom out
+    1-``zoom_out``x, 4 in the paper's setup; 1 for none), min-IoU random crop (``iou_crop``),
+    resize to ``image_size``, horizontal flip. The first three are on by default: they make a long
+    training generalize, but slow a run of a few hundred steps several-fold, and short recipes
+    (the demo) turn them off. With
     ``train_max_size``, training images whose longer side exceeds it are first scaled down to it
     (boxes with them), which spares the augmentation work on large photos (a few pixels of detail in
     the tightest crops are the only cost; ``2 * image_size`` or more keeps nearly all). Evaluation
@@ -369,6 +372,8 @@ class COCODetection(BaseDataModule):
         val_split: str = "val",
         image_size: int = 320,
         zoom_out: float = 4.0,
+        iou_crop: bool = True,
+        photometric: bool = True,
         train_max_size: int | None = None,
         batch_size: int = 32,
         val_batch_size: int = 8,
@@ -407,7 +412,11 @@ class COCODetection(BaseDataModule):
             self.train_images, self.val_images = self._locate(format, base, train_images, val_images)
         self.root = base
         self.image_size = image_size
+        if zoom_out < 1.0:
+            raise ValueError(f"zoom_out is the largest zoom-out factor, at least 1 (1: none), not {zoom_out}")
         self.zoom_out = zoom_out
+        self.iou_crop = iou_crop
+        self.photometric = photometric
         self.train_max_size = train_max_size
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
@@ -483,13 +492,16 @@ class COCODetection(BaseDataModule):
             make_demo_coco(self.root, self.demo_images, max(16, self.demo_images // 4))
 
     def train_transform(self) -> v2.Transform:
-        shrink = [ShrinkToMaxSize(self.train_max_size)] if self.train_max_size else []
+        steps = [ShrinkToMaxSize(self.train_max_size)] if self.train_max_size else []
+        if self.photometric:
+            steps.append(v2.RandomPhotometricDistort(p=0.5))
+        if self.zoom_out > 1.0:
+            steps.append(v2.RandomZoomOut(fill={tv_tensors.Image: (124, 116, 104), "others": 0}, side_range=(1.0, self.zoom_out), p=0.5))
+        if self.iou_crop:
+            steps.append(v2.RandomIoUCrop())
         return v2.Compose(
             [
-                *shrink,
-                v2.RandomPhotometricDistort(p=0.5),
-                v2.RandomZoomOut(fill={tv_tensors.Image: (124, 116, 104), "others": 0}, side_range=(1.0, self.zoom_out), p=0.5),
-                v2.RandomIoUCrop(),
+                *steps,
                 v2.Resize((self.image_size, self.image_size), antialias=True),
                 v2.RandomHorizontalFlip(),
                 v2.SanitizeBoundingBoxes(labels_getter=lambda inputs: (inputs[1]["labels"], inputs[1]["iscrowd"], inputs[1]["area"])),
