@@ -1,10 +1,10 @@
 """Making a fused MobileOne INT8-friendly before post-training quantization, without changing its function.
 
-Reparameterization leaves MobileOne's activations with a few channels whose range is tens of times
-that of the others (Apple's S0 on ImageNet images: inputs of stage 3's layers up to 250 while most
-channels stay below 10). A per-tensor int8 activation step set by those channels erases the small
-ones: on held-out ImageNet images, int8 activations alone cost S0 8.8 points of top-1, int8 weights
-alone 1.6 (``python -m benchmarks.int8_methods``). Two exact transforms remove most of that:
+Reparameterization leaves MobileOne's activations with a few channels many times larger than the
+others (in Apple's S0, the inputs of stage 3's layers). A per-tensor int8 activation step set by
+those channels erases the small ones: plain post-training quantization cost S0 10.4 points of
+ImageNet top-1 on held-out images, mostly through its activations (``benchmarks/RESULTS.md``, INT8
+on real ImageNet weights). Two exact transforms remove that:
 
 - ``equalize_activations``: between two consecutive layers, scale each channel of the first layer's
   output by ``t_c`` and divide the second layer's input weights by it (ReLU commutes with a positive
@@ -16,7 +16,7 @@ alone 1.6 (``python -m benchmarks.int8_methods``). Two exact transforms remove m
   int8 causes on calibration images, subtracted from its bias (Nagel et al.'s empirical bias
   correction, "Data-Free Quantization", 2019).
 
-``prepare_for_int8`` applies both; the exporter runs it on MobileOne networks before quantizing.
+``prepare_for_int8`` applies both; the export (``tasks.common.export``) quantizes its copy by default.
 Imports only torch.
 """
 

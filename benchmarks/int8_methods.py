@@ -4,19 +4,20 @@
     python -m benchmarks.int8_methods --folds 0 1 --variants prepared   # the export's default, both folds
 
 ``imagenet-sample``'s 500 images (one per class of 500 ImageNet classes) are split into two halves
-of 250 (seed 0; fold 1 swaps them), laid out as an ImageFolder of symbolic links: ``train/``
-calibrates (the export's ``--calibration_images``, augmented as for training) and ``val/`` is held
-out. Each variant is one ``python -m tasks.classification export`` of the ImageNet file (Apple's
-fused MobileOne-S0, torchvision's MobileNetV2) with ``--int8 true``, which validates every file it
-writes over the held-out half: top-1 of the fused float32 model, of ``model.int8.onnx``
-(onnxruntime) and, where the variant has it, of ``model.int8.pte`` (ExecuTorch, XNNPACK), and the
-agreement of each file's top-1 class with float32's. Variants:
+of 250 (seed 0; fold 1 swaps them), preprocessed as torchvision's ImageNet evaluation: one calibrates,
+the other is held out. Each variant is one run of ``tasks.common.export.fuse_and_export`` (what
+``export --int8 true`` runs) on the ImageNet file (Apple's fused MobileOne-S0, torchvision's
+MobileNetV2), which validates every file it writes over the held-out half: top-1 of the fused
+float32 model, of ``model.int8.onnx`` (onnxruntime) and, where the variant has it, of
+``model.int8.pte`` (ExecuTorch, XNNPACK), and the agreement of each file's top-1 class with
+float32's. Variants:
 
 - ``ptq``: plain post-training quantization, the export before ``backbones.quantization``
   (``--int8_preparation false``, minmax calibration);
-- ``prepared``: the export's default, ``backbones.quantization.prepare_for_int8`` (activations
-  equalized per channel, weight-rounding bias corrected), minmax calibration;
-- ``prepared_percentile``: the same with percentile calibration (onnxruntime's file only);
+- ``prepared``: ``backbones.quantization.prepare_for_int8`` (activations equalized per channel,
+  weight-rounding bias corrected), minmax calibration, and the ExecuTorch file;
+- ``prepared_percentile``: the same with percentile calibration (onnxruntime's file only): the
+  export's default;
 - each with ``_reduce_range``: onnxruntime's scheme for x86 CPUs without VNNI (7-bit weights; computed
   exactly there and here, so its figures hold on both kinds of CPU); the others use ``s8s8``, which
   such CPUs compute with int16 saturation.
@@ -31,59 +32,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.int8_schemes import DEFAULT_SHARED, MODELS, ROOT, imagenet_sample
+from benchmarks.int8_schemes import DEFAULT_SHARED, MODELS, ROOT, fused_network, imagenet_sample, preprocess
 
-CONFIG = "configs/classification/mobileone_s0_imagenet.yaml"
-BACKBONES = {"mobileone_s0": [], "mobilenet_v2": ["--model.backbone", "mobilenet_v2"]}
-ET = ["--executorch", "true"]
-VARIANTS = {
-    "ptq": ["--int8_preparation", "false", "--calibration_method", "minmax", "--int8_scheme", "s8s8", *ET],
-    "prepared": ["--int8_preparation", "true", "--calibration_method", "minmax", "--int8_scheme", "s8s8", *ET],
-    "prepared_percentile": ["--int8_preparation", "true", "--calibration_method", "percentile", "--int8_scheme", "s8s8"],
-    "ptq_reduce_range": ["--int8_preparation", "false", "--calibration_method", "minmax", "--int8_scheme", "reduce_range"],
-    "prepared_reduce_range": ["--int8_preparation", "true", "--calibration_method", "minmax", "--int8_scheme", "reduce_range"],
-    "prepared_percentile_reduce_range": ["--int8_preparation", "true", "--calibration_method", "percentile",
-                                         "--int8_scheme", "reduce_range"],
+VARIANTS = {  # fuse_and_export's INT8 options
+    "ptq": dict(int8_preparation=False, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
+    "prepared": dict(int8_preparation=True, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
+    "prepared_percentile": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8"),
+    "ptq_reduce_range": dict(int8_preparation=False, calibration_method="minmax", int8_scheme="reduce_range"),
+    "prepared_reduce_range": dict(int8_preparation=True, calibration_method="minmax", int8_scheme="reduce_range"),
+    "prepared_percentile_reduce_range": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="reduce_range"),
 }
 METRIC = "val/acc1"
 HALF = 250
 
 
-def split_folder(shared: Path, work: Path, fold: int) -> Path:
-    """``work/fold<k>/{train,val}/<wnid>/<image>``: symbolic links to the two halves of imagenet-sample."""
-    paths, _ = imagenet_sample(shared / "datasets" / "imagenet-sample")
+def halves(shared: Path, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(calibration images, held-out images, held-out labels) of ``fold``: imagenet-sample split in two
+    halves of ``HALF`` (seed 0; fold 1 swaps them), preprocessed as torchvision's ImageNet evaluation."""
+    paths, labels = imagenet_sample(shared / "datasets" / "imagenet-sample")
     order = np.random.default_rng(0).permutation(len(paths))
-    halves = (order[:HALF], order[HALF:]) if fold == 0 else (order[HALF:], order[:HALF])
-    root = work / f"fold{fold}"
-    for split, indices in zip(("train", "val"), halves):
-        for index in indices:
-            link = root / split / paths[index].parent.name / paths[index].name
-            if not link.exists():
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(paths[index].resolve())
-    return root
+    calibration, held_out = (order[:HALF], order[HALF:]) if fold == 0 else (order[HALF:], order[:HALF])
+    images = preprocess(paths)
+    return images[calibration], images[held_out], np.asarray(labels)[held_out]
 
 
-def export(model: str, variant: str, data_root: Path, weights: Path, output: Path) -> tuple[dict, float]:
-    """One export of ``model``'s ImageNet file with ``variant``'s options; its ``model.json`` and wall time."""
-    command = [
-        sys.executable, "-m", "tasks.classification", "export", "--config", CONFIG, *BACKBONES[model],
-        "--model.weights", str(weights), "--data.root", str(data_root), "--data.classes", "imagenet",
-        "--data.num_workers", "2", "--output", str(output), "--int8", "true", "--calibration_images", str(HALF),
-        *VARIANTS[variant],
-    ]
+def export(model: str, variant: str, data: tuple[np.ndarray, np.ndarray, np.ndarray], weights: Path, output: Path) -> tuple[dict, float]:
+    """``fuse_and_export`` (what ``export --int8 true`` runs) of ``model``'s ImageNet file with ``variant``'s
+    options, calibrated on the calibration half and validated on the held-out one; its ``model.json`` and wall time."""
+    import torch
+
+    from tasks.common.export import fuse_and_export
+
+    calibration_images, held_out, labels = (torch.from_numpy(a) for a in data)
+
+    def evaluate(network) -> dict[str, float]:
+        with torch.no_grad():
+            predicted = torch.cat([network(held_out[i:i + 25]).argmax(1) for i in range(0, len(held_out), 25)])
+        return {METRIC: float((predicted == labels).float().mean())}
+
     started = time.perf_counter()
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    fuse_and_export(fused_network(model, weights), held_out[:16], output, {"model": model}, int8=True,
+                    calibration=list(calibration_images.split(32)), evaluate=evaluate, metric=METRIC, **VARIANTS[variant])
     return json.loads((output / "model.json").read_text()), time.perf_counter() - started
 
 
@@ -161,27 +155,26 @@ def main(argv: list[str] | None = None) -> None:
 
     results = []
     for fold in args.folds:
-        data_root = split_folder(args.shared, args.work_dir, fold)
+        data = halves(args.shared, fold)
         for model in args.models:
             for variant in args.variants:
-                output = args.work_dir / f"fold{fold}" / "exports" / f"{model}.{variant}"
-                metadata, seconds = export(model, variant, data_root, args.shared / "weights" / MODELS[model], output)
+                output = args.work_dir / f"fold{fold}" / f"{model}.{variant}"
+                metadata, seconds = export(model, variant, data, args.shared / "weights" / MODELS[model], output)
                 results.extend(rows(model, variant, fold, metadata))
                 print(f"{model} {variant} fold {fold}: exported and validated in {seconds:.0f} s", flush=True)
     print(f"machine: {describe_machine('cpu')}; held-out half of imagenet-sample ({HALF} images), the other half calibrates")
     print(markdown(results))
-    (args.work_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.work_dir / f"results_fold{'_'.join(map(str, args.folds))}.json").write_text(json.dumps(results, indent=1) + "\n")
     if "prepared" in args.variants:
         print(f"\nbatch 1, 1 thread, median of {args.rounds} interleaved rounds, the prepared export's files (fold {args.folds[0]}):")
         print("| model | onnxruntime float32 | onnxruntime INT8 | speed-up | ExecuTorch float32 | ExecuTorch INT8 | speed-up |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for model in args.models:
-            times = latency_ms(args.work_dir / f"fold{args.folds[0]}" / "exports" / f"{model}.prepared", args.rounds)
+            times = latency_ms(args.work_dir / f"fold{args.folds[0]}" / f"{model}.prepared", args.rounds)
             print(f"| {model} | {times['model.onnx']:.2f} ms | {times['model.int8.onnx']:.2f} ms | "
                   f"{times['model.onnx'] / times['model.int8.onnx']:.2f}x | {times['model.pte']:.2f} ms | "
                   f"{times['model.int8.pte']:.2f} ms | {times['model.pte'] / times['model.int8.pte']:.2f}x |")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONPATH", str(ROOT))
     main()

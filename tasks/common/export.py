@@ -102,7 +102,7 @@ def fuse_and_export(
     int8: bool = False,
     executorch: bool = False,
     calibration: list[torch.Tensor] | None = None,
-    calibration_method: str = "minmax",
+    calibration_method: str = "percentile",
     int8_scheme: str | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     metric: str | None = None,
@@ -577,7 +577,7 @@ def export_task(
     int8: bool = False,
     executorch: bool = False,
     calibration_images: int = 256,
-    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax",
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "percentile",
     int8_scheme: Literal["s8s8", "u8u8", "reduce_range"] | None = None,
     int8_preparation: bool = True,
     validation_batches: int | None = None,
@@ -619,8 +619,9 @@ def export_task(
             (Android, iOS, Linux; needs ``pip install -e ".[executorch]"``).
         calibration_images: how many training images (augmented as for training) INT8 calibration sees.
         calibration_method: how ``model.int8.onnx``'s activation ranges are set from them:
-            ``minmax`` (the observed range), ``percentile`` (99.999%) or ``entropy`` (onnxruntime's
-            methods); ``model.int8.pte`` uses the XNNPACK quantizer's histogram observer.
+            ``percentile`` (99.999%, the default: on Apple's S0 and MobileNetV2, prepared, the
+            closest to float32; ``benchmarks.int8_methods``), ``minmax`` (the observed range) or
+            ``entropy`` (onnxruntime's methods); ``model.int8.pte`` uses the XNNPACK quantizer's histogram observer.
         int8_scheme: ``model.int8.onnx``'s integer types (``backbones.runtimes.INT8_SCHEMES``);
             default: the one onnxruntime computes exactly, without saturation, on this CPU (s8s8
             with VNNI, reduce_range on x86 without VNNI; ``$MOBILEONE_INT8_CPU`` = ``vnni`` /
