@@ -32,7 +32,9 @@ from torch import nn
 
 from backbones.network import MobileOne, MobileOneBlock
 
-__all__ = ["DENSE_MIGRATION", "correct_weight_rounding_bias", "equalize_activations", "equalized_pairs", "prepare_for_int8"]
+__all__ = [
+    "DENSE_MIGRATION", "correct_weight_rounding_bias", "equalize_activations", "equalized_pairs", "int8_weights", "prepare_for_int8",
+]
 
 DENSE_MIGRATION = 0.5  # how much of an activation channel's range moves into a dense 1x1 layer's weights
 MAX_CHANNEL_SCALE = 1e4  # no channel is scaled up by more (a near-silent channel would otherwise be blown up)
