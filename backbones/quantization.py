@@ -44,6 +44,18 @@ def _call(model: nn.Module, batch: Any) -> None:
     model(batch)
 
 
+def _calibrate_with_input_hooks(model: nn.Module, layers: Sequence[nn.Module], make_hook: Callable[[int], Callable],
+                                calibration: Iterable[Any], forward: Callable[[nn.Module, Any], None]) -> None:
+    """Run every calibration batch through ``model`` with ``make_hook(i)`` watching the input of ``layers[i]``."""
+    handles = [layer.register_forward_pre_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        for batch in calibration:
+            forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def equalized_pairs(model: nn.Module) -> list[tuple[MobileOneBlock, MobileOneBlock]]:
     """The (first, second) pairs of consecutive fused MobileOne layers whose connecting activation
     ``equalize_activations`` may rescale: the first layer's output feeds only the second (never a
@@ -82,13 +94,7 @@ def _channel_maxima(model: nn.Module, convs: list[nn.Conv2d], calibration: Itera
             maxima[index] = value if maxima[index] is None else torch.maximum(maxima[index], value)
         return hook
 
-    handles = [conv.register_forward_pre_hook(record(i)) for i, conv in enumerate(convs)]
-    try:
-        for batch in calibration:
-            forward(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _calibrate_with_input_hooks(model, convs, record, calibration, forward)
     if any(m is None for m in maxima):
         raise ValueError("the calibration batches never reached some of the layers to equalize (or none were given)")
     return maxima  # type: ignore[return-value]
@@ -172,13 +178,7 @@ def correct_weight_rounding_bias(model: nn.Module, calibration: Iterable[Any], l
             counts[index] += added.shape[0]
         return hook
 
-    handles = [layer.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
-    try:
-        for batch in calibration:
-            forward(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _calibrate_with_input_hooks(model, layers, record, calibration, forward)
     for layer, shift, count in zip(layers, shifts, counts):
         if shift is not None:
             layer.bias.sub_((shift / count).to(layer.bias.dtype))

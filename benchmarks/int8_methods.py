@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.int8_schemes import DEFAULT_SHARED, MODELS, ROOT, fused_network, imagenet_sample, preprocess
+from benchmarks.int8_schemes import DEFAULT_SHARED, MODELS, ROOT, fused_network, imagenet_sample, one_thread_session, preprocess
 
 VARIANTS = {  # fuse_and_export's INT8 options
     "ptq": dict(int8_preparation=False, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
@@ -102,32 +102,19 @@ def rows(model: str, variant: str, fold: int, metadata: dict) -> list[dict]:
 
 def latency_ms(folder: Path, rounds: int) -> dict[str, float]:
     """Median batch-1, one-thread latency of the float32 and INT8 files in ``folder``, timed interleaved."""
-    import onnxruntime as ort
     import torch
 
     from backbones.runtimes import ExecuTorchNetwork
+    from benchmarks.timing import interleaved_median_ms
 
     torch.set_num_threads(1)
     image = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    runners = {}
-    for name in ("model.onnx", "model.int8.onnx"):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
-        runners[name] = lambda session=session: session.run(None, {"images": image})
+    calls = {name: (lambda session=one_thread_session(folder / name): session.run(None, {"images": image}))
+             for name in ("model.onnx", "model.int8.onnx")}
     for name in ("model.pte", "model.int8.pte"):
         if (folder / name).is_file():
-            program = ExecuTorchNetwork((folder / name).read_bytes())
-            tensor = torch.from_numpy(image)
-            runners[name] = lambda program=program: program(tensor)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for round_ in range(rounds + 5):
-        for name, run in runners.items():
-            started = time.perf_counter()
-            run()
-            if round_ >= 5:  # warm-up
-                times[name].append(1000 * (time.perf_counter() - started))
-    return {name: float(np.median(values)) for name, values in times.items()}
+            calls[name] = lambda program=ExecuTorchNetwork((folder / name).read_bytes()), tensor=torch.from_numpy(image): program(tensor)
+    return interleaved_median_ms(calls, rounds)
 
 
 def markdown(results: list[dict]) -> str:

@@ -30,7 +30,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -133,24 +132,23 @@ def evaluate(work: Path, emulated: bool = False) -> dict:
     return {"cpu": int8_cpu(flags), "flags": flags, "images": len(labels), "files": rows}
 
 
-def latency_ms(work: Path, rounds: int) -> dict[str, float]:
-    """Median batch-1, one-thread latency of every file, timed interleaved."""
+def one_thread_session(path: Path):
+    """An onnxruntime CPU session of the file at ``path`` on one thread (intra- and inter-op)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def latency_ms(work: Path, rounds: int) -> dict[str, float]:
+    """Median batch-1, one-thread latency of every file, timed interleaved."""
+    from benchmarks.timing import interleaved_median_ms
+
     image = np.load(work / "images.npy")[:1]
-    sessions = {}
-    for path in sorted(work.glob("*.onnx")):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        sessions[path.name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for round_ in range(rounds + 5):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"images": image})
-            if round_ >= 5:  # warm-up
-                times[name].append(1000 * (time.perf_counter() - start))
-    return {name: float(np.median(values)) for name, values in times.items()}
+    calls = {path.name: (lambda session=one_thread_session(path): session.run(None, {"images": image}))
+             for path in sorted(work.glob("*.onnx"))}
+    return interleaved_median_ms(calls, rounds)
 
 
 def markdown(results: list[dict], latency: dict[str, float]) -> str:

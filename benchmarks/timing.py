@@ -29,6 +29,18 @@ def time_ms(call: Callable[[], object], device: str) -> float:
     return (time.perf_counter() - start_s) * 1e3
 
 
+def interleaved_median_ms(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 5) -> dict[str, float]:
+    """Median milliseconds of each of ``calls`` over ``rounds`` rounds (after ``warmup`` untimed ones),
+    each round calling every one once, so that a machine's drift weighs on all alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(rounds + warmup):
+        for name, call in calls.items():
+            elapsed = time_ms(call, "cpu")
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def median_and_quartiles(values: list[float]) -> tuple[float, float, float]:
     """(median, first quartile, third quartile), quartiles within the range of ``values``."""
     if len(values) == 1:

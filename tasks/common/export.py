@@ -277,14 +277,21 @@ def _deployment_files(
         raise ValueError("INT8 quantization needs calibration images (batches of real training inputs); none were given")
     files: dict[str, bytes] = {}
     deployed: dict[str, nn.Module] = {}
+    prepared_copies: dict[int | None, nn.Module] = {}
+
+    def prepared_for(levels: int | None) -> nn.Module:
+        """``prepare_for_int8``'s copy of ``fused`` for weights of ``levels``, made once (ONNX s8s8 and ExecuTorch share it)."""
+        if levels not in prepared_copies:
+            prepared_copies[levels] = prepare_for_int8(fused, calibration, levels, modules=quantized_modules)
+        return prepared_copies[levels]
+
     if quantize:
         started = time.perf_counter()
         cpu = int8_cpu()
         int8_scheme = int8_scheme or default_int8_scheme(cpu)
         source = onnx_bytes_to_quantize
         if int8_preparation:
-            prepared = prepare_for_int8(fused, calibration, INT8_WEIGHT_LEVELS[int8_scheme], modules=quantized_modules)
-            source = to_onnx_bytes(prepared, example_inputs, dynamic_image_size)
+            source = to_onnx_bytes(prepared_for(INT8_WEIGHT_LEVELS[int8_scheme]), example_inputs, dynamic_image_size)
         files[ONNX_INT8_FILE] = quantize_onnx(source, calibration, calibration_method, quantized_modules, scheme=int8_scheme)
         deployed[ONNX_INT8_FILE] = OnnxRuntimeNetwork(files[ONNX_INT8_FILE])
         report["int8_calibration"] = {
@@ -306,7 +313,7 @@ def _deployment_files(
         _check(report, "executorch_vs_pytorch_relative_error", tolerance, "the ExecuTorch program's output differs from PyTorch's")
         if quantize:
             started = time.perf_counter()
-            prepared = prepare_for_int8(fused, calibration, modules=quantized_modules) if int8_preparation else fused
+            prepared = prepared_for(INT8_WEIGHT_LEVELS["s8s8"]) if int8_preparation else fused  # XNNPACK: int8 weights in [-127, 127]
             files[EXECUTORCH_INT8_FILE] = to_executorch(prepared, example_inputs, dynamic_image_size, calibration, modules=quantized_modules)
             deployed[EXECUTORCH_INT8_FILE] = ExecuTorchNetwork(files[EXECUTORCH_INT8_FILE])
             log.info("INT8 ExecuTorch program (PT2E, XNNPACK) quantized and lowered (%.1f s)", _since(started))
