@@ -33,7 +33,9 @@ from torch import nn
 from backbones.network import MobileOne, MobileOneBlock
 
 __all__ = [
-    "DENSE_MIGRATION", "correct_weight_rounding_bias", "equalize_activations", "equalized_pairs", "int8_weights", "prepare_for_int8",
+    "DENSE_MIGRATION", "ActivationQuantizer", "Int8SimulatedConv2d", "Int8SimulatedLinear", "activation_scale_and_zero_point",
+    "calibrate_int8_simulation", "correct_weight_rounding_bias", "equalization_scales", "equalize_activations", "equalized_pairs",
+    "int8_simulation_sites", "int8_weights", "prepare_for_int8", "remove_int8_simulation", "simulate_int8",
 ]
 
 DENSE_MIGRATION = 0.5  # how much of an activation channel's range moves into a dense 1x1 layer's weights
@@ -101,6 +103,33 @@ def _channel_maxima(model: nn.Module, convs: list[nn.Conv2d], calibration: Itera
 
 
 @torch.no_grad()
+def equalization_scales(model: nn.Module, calibration: Iterable[Any], dense_migration: float = DENSE_MIGRATION,
+                        forward: Callable[[nn.Module, Any], None] = _call) -> list[tuple[MobileOneBlock, MobileOneBlock, torch.Tensor]]:
+    """For each pair of ``equalized_pairs(model)`` (fused, eval mode): ``(first, second, t)``, ``t`` the
+    float64 per-channel factor ``equalize_activations`` multiplies the connecting activation by."""
+    pairs = equalized_pairs(model)
+    if not pairs:
+        return []
+    maxima = _channel_maxima(model, [b.reparam_conv for _, b in pairs], calibration, forward)
+    scales = []
+    for (first, second), largest in zip(pairs, maxima):
+        power = 1.0 if _is_depthwise(second.reparam_conv) else dense_migration
+        scale = torch.where(largest > 0, (largest.max() / largest.clamp(min=1e-30)) ** power, torch.ones_like(largest))
+        scales.append((first, second, scale.clamp(max=MAX_CHANNEL_SCALE)))
+    return scales
+
+
+def _input_columns(conv: nn.Conv2d | nn.Linear, per_input_channel: torch.Tensor) -> torch.Tensor:
+    """``per_input_channel`` (one value per input channel) laid out as ``conv.weight``'s input
+    dimension, broadcastable against the weight (grouped convolutions included)."""
+    if isinstance(conv, nn.Linear):
+        return per_input_channel.view(1, -1)
+    groups, per_group = conv.groups, conv.in_channels // conv.groups
+    columns = per_input_channel.view(groups, 1, per_group).expand(groups, conv.out_channels // groups, per_group)
+    return columns.reshape(conv.out_channels, per_group, 1, 1)
+
+
+@torch.no_grad()
 def equalize_activations(model: nn.Module, calibration: Iterable[Any], dense_migration: float = DENSE_MIGRATION,
                          forward: Callable[[nn.Module, Any], None] = _call) -> nn.Module:
     """A copy of ``model`` (fused, eval mode) with the activation between each pair of
@@ -112,23 +141,11 @@ def equalize_activations(model: nn.Module, calibration: Iterable[Any], dense_mig
     shared more evenly by its channels. ``forward(model, batch)`` runs one calibration batch
     (default ``model(batch)``)."""
     model = copy.deepcopy(model).eval()
-    pairs = equalized_pairs(model)
-    if not pairs:
-        return model
-    maxima = _channel_maxima(model, [b.reparam_conv for _, b in pairs], calibration, forward)
-    for (first, second), largest in zip(pairs, maxima):
+    for first, second, scale in equalization_scales(model, calibration, dense_migration, forward):
         conv_a, conv_b = first.reparam_conv, second.reparam_conv
-        power = 1.0 if _is_depthwise(conv_b) else dense_migration
-        scale = torch.where(largest > 0, (largest.max() / largest.clamp(min=1e-30)) ** power, torch.ones_like(largest))
-        scale = scale.clamp(max=MAX_CHANNEL_SCALE)
         conv_a.weight.copy_((conv_a.weight.double() * scale.view(-1, 1, 1, 1)).to(conv_a.weight.dtype))
         conv_a.bias.copy_((conv_a.bias.double() * scale).to(conv_a.bias.dtype))
-        if _is_depthwise(conv_b):
-            conv_b.weight.copy_((conv_b.weight.double() / scale.view(-1, 1, 1, 1)).to(conv_b.weight.dtype))
-        else:
-            groups, per_group = conv_b.groups, conv_b.in_channels // conv_b.groups
-            columns = scale.view(groups, 1, per_group).expand(groups, conv_b.out_channels // groups, per_group)
-            conv_b.weight.copy_((conv_b.weight.double() / columns.reshape(conv_b.out_channels, per_group, 1, 1)).to(conv_b.weight.dtype))
+        conv_b.weight.copy_((conv_b.weight.double() / _input_columns(conv_b, scale)).to(conv_b.weight.dtype))
     return model
 
 
@@ -196,3 +213,281 @@ def prepare_for_int8(model: nn.Module, calibration: Iterable[Any], levels: int |
     if levels is None:
         return equalized
     return correct_weight_rounding_bias(equalized, calibration, levels, forward, modules)
+
+
+# Quantization-aware training: the fused network computing what its INT8 file will compute.
+#
+# ``simulate_int8`` gives a fused MobileOne classifier the arithmetic of its onnxruntime INT8 file:
+# every convolution and linear layer uses its weights rounded per output channel (``int8_weights``),
+# and every tensor that onnxruntime's QDQ quantizer quantizes (each layer's input, the last block's
+# output, the logits) goes through an int8 quantize-dequantize with a fixed scale and zero point
+# (asymmetric, [-128, 127]). Rounding passes gradients straight through (the straight-through
+# estimator), so the float weights can be trained to suit the rounding. The equalization of
+# ``equalize_activations`` is kept as fixed per-channel factors beside the weights instead of being
+# applied to them: the trained parameters stay those of the original network (well conditioned for
+# SGD), and the quantizers see the equalized weights and activations. ``int8_simulation_sites`` gives
+# the scales and zero points to write into the INT8 file (``backbones.runtimes.quantize_onnx``'s
+# ``activation_quantization``), ``remove_int8_simulation`` the plain fused network with the
+# equalization applied: the float32 network that file quantizes.
+
+ACTIVATION_QMIN, ACTIVATION_QMAX = -128, 127  # onnxruntime's int8 activations (s8s8, reduce_range)
+ACTIVATION_PERCENTILE = 99.999  # the range a quantizer covers, as onnxruntime's percentile calibration
+
+
+def _round_straight_through(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def activation_scale_and_zero_point(low: float, high: float) -> tuple[float, int]:
+    """The int8 (asymmetric, [-128, 127]) scale and zero point covering ``[low, high]`` widened to
+    hold 0, as onnxruntime computes them from a calibrated range."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    scale = (high - low) / (ACTIVATION_QMAX - ACTIVATION_QMIN)
+    if not scale > 0:
+        scale = 1.0
+    scale = float(torch.tensor(scale, dtype=torch.float32))  # the value a float32 scale in the file holds
+    zero_point = int(round(ACTIVATION_QMIN - low / scale))
+    return scale, max(ACTIVATION_QMIN, min(ACTIVATION_QMAX, zero_point))
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor int8 quantize-dequantize with a fixed scale and zero point (buffers, in the
+    checkpoint); the identity until ``calibrated``. While ``observed`` is a list, it records each
+    batch's (low, high) percentile range instead and passes the input through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.observed: list[tuple[float, float]] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observed is not None:
+            values = x.detach().flatten().float()
+            k = max(1, int(values.numel() * (1 - ACTIVATION_PERCENTILE / 100)))
+            self.observed.append((float(-(-values).topk(k).values[-1]), float(values.topk(k).values[-1])))
+            return x
+        if not bool(self.calibrated):
+            return x
+        return self.integers(x) * self.scale
+
+    def integers(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``'s int8 codes less the zero point (integer-valued floats; straight-through gradient)."""
+        q = torch.clamp(_round_straight_through(x / self.scale) + self.zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX)
+        return q - self.zero_point
+
+    def set_range(self, low: float, high: float) -> None:
+        scale, zero_point = activation_scale_and_zero_point(low, high)
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zero_point)
+        self.calibrated.fill_(True)
+
+    def extra_repr(self) -> str:
+        return f"scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}" if bool(self.calibrated) else "not calibrated"
+
+
+class _Int8SimulatedLayer:
+    """What the simulated convolution and linear layers share: fixed equalization factors
+    (``output_scale`` per output channel, ``input_scale`` per input channel), weights rounded to
+    ``weight_levels`` per output channel, an ``input_quantizer`` and an optional ``output_quantizer``."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter
+    weight_levels: int
+
+    def _add_simulation(self, levels: int, in_features: int, out_features: int, quantize_output: bool) -> None:
+        self.weight_levels = levels
+        self.register_buffer("output_scale", torch.ones(out_features))
+        self.register_buffer("input_scale", torch.ones(in_features))
+        self.input_quantizer = ActivationQuantizer()
+        self.output_quantizer = ActivationQuantizer() if quantize_output else nn.Identity()
+
+    def equalized_weight(self) -> torch.Tensor:
+        """The weight the INT8 file holds before rounding: equalization factors applied."""
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        return self.weight * self.output_scale.view(shape) / _input_columns(self, self.input_scale)
+
+    def equalized_bias(self) -> torch.Tensor:
+        return self.bias * self.output_scale
+
+    def simulated_weight(self) -> torch.Tensor:
+        weight = self.equalized_weight()
+        return weight + (int8_weights(weight, self.weight_levels) - weight).detach()
+
+    def _simulated_forward(self, x: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``op`` (the layer's convolution or matrix product, without bias) as the INT8 kernel computes
+        it once the input quantizer is calibrated: integer input codes times integer weight codes
+        (exact sums in float32 below 2**24), plus the bias rounded to the int32 step
+        ``input scale x weight scale``, times that step."""
+        quantizer = self.input_quantizer
+        if not bool(quantizer.calibrated) or quantizer.observed is not None:
+            return op(quantizer(x), self.simulated_weight()) + _channels(self.equalized_bias(), x.dim())
+        weight = self.equalized_weight()
+        weight_step = weight.detach().flatten(1).abs().amax(1).clamp(min=1e-30) / self.weight_levels
+        codes = torch.clamp(_round_straight_through(weight / weight_step.view((-1,) + (1,) * (weight.dim() - 1))),
+                            -self.weight_levels, self.weight_levels)
+        step = quantizer.scale * weight_step  # float32, as onnxruntime's bias scale
+        bias = _round_straight_through(self.equalized_bias() / step)
+        return (op(quantizer.integers(x), codes) + _channels(bias, x.dim())) * _channels(step, x.dim())
+
+
+def _channels(per_channel: torch.Tensor, dims: int) -> torch.Tensor:
+    """A per-output-channel vector shaped to broadcast over an NC... (``dims``-dimensional) output."""
+    return per_channel.view((1, -1) + (1,) * (dims - 2))
+
+
+class Int8SimulatedConv2d(_Int8SimulatedLayer, nn.Conv2d):
+    """``nn.Conv2d`` computing as its INT8 form does (see ``simulate_int8``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(self._simulated_forward(x, lambda x, weight: self._conv_forward(x, weight, None)))
+
+
+class Int8SimulatedLinear(_Int8SimulatedLayer, nn.Linear):
+    """``nn.Linear`` computing as its INT8 form does (see ``simulate_int8``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(self._simulated_forward(x, F.linear))
+
+
+class _QuantizedOutput(nn.Module):
+    """``module`` followed by an ``ActivationQuantizer`` (the last block's activation)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.output_quantizer = ActivationQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(self.module(x))
+
+
+def _simulated_copy(layer: nn.Conv2d | nn.Linear, levels: int, quantize_output: bool) -> nn.Module:
+    if isinstance(layer, nn.Conv2d):
+        new: nn.Module = Int8SimulatedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                                             layer.dilation, layer.groups, True, layer.padding_mode, device="meta")
+        new._add_simulation(levels, layer.in_channels, layer.out_channels, quantize_output)
+    else:
+        new = Int8SimulatedLinear(layer.in_features, layer.out_features, True, device="meta")
+        new._add_simulation(levels, layer.in_features, layer.out_features, quantize_output)
+    new.weight, new.bias = layer.weight, layer.bias
+    return new.to(layer.weight.device)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _check_simulated_network(model: nn.Module) -> MobileOne:
+    if not isinstance(model, MobileOne) or model.out_indices is not None:
+        raise ValueError(f"INT8 simulation is defined for a MobileOne classifier (returning logits), got {type(model).__name__}"
+                         + (f" returning feature levels {model.out_indices}" if isinstance(model, MobileOne) else ""))
+    blocks = [m for m in model.modules() if isinstance(m, MobileOneBlock)]
+    if not blocks or not all(b.inference_mode for b in blocks):
+        raise ValueError("INT8 simulation needs the fused (inference-form) network: reparameterize it first")
+    if any(not isinstance(b.se, nn.Identity) for b in blocks):
+        raise ValueError("INT8 simulation does not cover squeeze-excitation blocks (use_se): their Mul / Sigmoid quantization is not simulated")
+    return model
+
+
+def simulate_int8(model: nn.Module, levels: int = 127) -> nn.Module:
+    """A copy of ``model`` (a fused MobileOne classifier without squeeze-excitation) whose layers
+    compute as onnxruntime's INT8 QDQ file of it does: weights rounded to ``levels`` per output
+    channel (127 for s8s8 and XNNPACK, 64 for ``reduce_range``), and an ``ActivationQuantizer`` on
+    every tensor that file quantizes (each layer's input: the image and every block's output; the
+    last block's output; the logits). The quantizers pass values through until calibrated
+    (``calibrate_int8_simulation``). Parameters are the original network's; buffers hold the
+    equalization factors and the quantizers' ranges."""
+    model = copy.deepcopy(_check_simulated_network(model)).eval()
+    layers = dict((name, module) for name, module in model.named_modules() if id(module) in {id(m) for m in _quantized_layers(model, None)})
+    for name, layer in layers.items():
+        _set_submodule(model, name, _simulated_copy(layer, levels, quantize_output=isinstance(layer, nn.Linear)))
+    last = [m for m in model.modules() if isinstance(m, MobileOneBlock)][-1]
+    last.activation = _QuantizedOutput(last.activation)
+    return model
+
+
+def _simulated_layers(model: nn.Module) -> list[tuple[str, _Int8SimulatedLayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _Int8SimulatedLayer)]
+
+
+@torch.no_grad()
+def calibrate_int8_simulation(model: nn.Module, calibration: Iterable[Any], dense_migration: float = DENSE_MIGRATION,
+                              forward: Callable[[nn.Module, Any], None] = _call) -> nn.Module:
+    """Prepare ``simulate_int8``'s network on ``calibration`` (in place; returned): the equalization
+    factors of ``equalize_activations``, each layer's bias corrected for its weights' int8 rounding
+    (``correct_weight_rounding_bias``), then each quantizer's range: the mean over batches of the
+    batch's 0.001 % / 99.999 % percentiles. Every quantizer is recalibrated."""
+    calibration = list(calibration)
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    for quantizer in quantizers:
+        quantizer.calibrated.fill_(False)
+    plain = remove_int8_simulation(model)
+    names = {id(m): name for name, m in plain.named_modules()}
+    layers = dict(_simulated_layers(model))
+    for first, second, scale in equalization_scales(plain, calibration, dense_migration, forward):
+        layers[names[id(first.reparam_conv)]].output_scale.mul_(scale.to(torch.float32))
+        layers[names[id(second.reparam_conv)]].input_scale.mul_(scale.to(torch.float32))
+    levels = {m.weight_levels for m in layers.values()}
+    corrected = correct_weight_rounding_bias(remove_int8_simulation(model), calibration, levels.pop() if len(levels) == 1 else 127, forward)
+    for name, layer in layers.items():
+        layer.bias.copy_(corrected.get_submodule(name).bias / layer.output_scale)
+    for quantizer in quantizers:
+        quantizer.observed = []
+    try:
+        for batch in calibration:
+            forward(model, batch)
+        for quantizer in quantizers:
+            if not quantizer.observed:
+                raise ValueError("the calibration batches never reached some of the quantized tensors (or none were given)")
+            lows, highs = zip(*quantizer.observed)
+            quantizer.set_range(sum(lows) / len(lows), sum(highs) / len(highs))
+    finally:
+        for quantizer in quantizers:
+            quantizer.observed = None
+    return model
+
+
+@torch.no_grad()
+def remove_int8_simulation(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every simulated layer back to a plain ``nn.Conv2d`` / ``nn.Linear``
+    holding its equalized float weights and bias (computed in float64), and no quantizer: the
+    float32 network whose INT8 file ``simulate_int8``'s network computes."""
+    model = copy.deepcopy(model)
+    for name, layer in _simulated_layers(model):
+        if isinstance(layer, nn.Conv2d):
+            plain: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                                         layer.dilation, layer.groups, True, layer.padding_mode)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features)
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        weight = layer.weight.double() * layer.output_scale.double().view(shape) / _input_columns(layer, layer.input_scale.double())
+        plain.weight = nn.Parameter(weight.to(layer.weight.dtype))
+        plain.bias = nn.Parameter((layer.bias.double() * layer.output_scale.double()).to(layer.bias.dtype))
+        _set_submodule(model, name, plain.to(layer.weight.device))
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantizedOutput)]:
+        _set_submodule(model, name, module.module)
+    return model
+
+
+def int8_simulation_sites(model: nn.Module) -> list[dict[str, Any]]:
+    """The calibrated quantizers of ``simulate_int8``'s network as the INT8 export needs them:
+    ``{"module": <submodule name of the plain network>, "tensor": "input" | "output", "scale": float,
+    "zero_point": int}`` (the input of a convolution / linear layer, or the output of a layer or of
+    the last block's activation)."""
+    sites = []
+    for name, module in model.named_modules():
+        if isinstance(module, _Int8SimulatedLayer):
+            quantizers = [("input", module.input_quantizer), ("output", module.output_quantizer)]
+        elif isinstance(module, _QuantizedOutput):
+            quantizers = [("output", module.output_quantizer)]
+        else:
+            continue
+        for tensor, quantizer in quantizers:
+            if isinstance(quantizer, ActivationQuantizer):
+                if not bool(quantizer.calibrated):
+                    raise ValueError(f"the {tensor} quantizer of {name} is not calibrated (calibrate_int8_simulation)")
+                sites.append({"module": name, "tensor": tensor, "scale": float(quantizer.scale), "zero_point": int(quantizer.zero_point)})
+    return sites

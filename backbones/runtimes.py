@@ -128,6 +128,32 @@ def _nodes_left_float(onnx_bytes: bytes, modules: Sequence[str] | None, float_mo
     return left
 
 
+def _tensor_overrides(onnx_bytes: bytes, sites: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """onnxruntime's ``TensorQuantOverrides`` for ``sites``: each named module's input (the first
+    input of its Conv / Gemm / MatMul node) or output (the output of the last node recorded inside
+    it) gets the site's scale and int8 zero point."""
+    import onnx
+
+    if not sites:
+        return {}
+    inputs: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    for node in onnx.load_from_string(onnx_bytes).graph.node:
+        scopes = {prop.key: prop.value for prop in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
+        for scope in ast.literal_eval(scopes) if scopes is not None else []:
+            outputs[scope] = node.output[0]  # the last node inside the module
+            if node.op_type in ("Conv", "Gemm", "MatMul"):
+                inputs.setdefault(scope, node.input[0])
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for site in sites:
+        names = inputs if site["tensor"] == "input" else outputs
+        if site["module"] not in names:
+            raise ValueError(f"activation quantization for the {site['tensor']} of {site['module']!r}: no such module in the ONNX graph")
+        overrides[names[site["module"]]] = [{"scale": np.array(site["scale"], dtype=np.float32),
+                                             "zero_point": np.array(site["zero_point"], dtype=np.int8)}]
+    return overrides
+
+
 def quantize_onnx(
     onnx_bytes: bytes,
     calibration: Iterable[torch.Tensor],
@@ -136,6 +162,7 @@ def quantize_onnx(
     input_name: str = "images",
     float_modules: Sequence[str] | None = None,
     scheme: str | None = None,
+    activation_quantization: Sequence[dict[str, Any]] | None = None,
 ) -> bytes:
     """INT8 copy of a float32 ONNX file, calibrated on ``calibration`` (batches of real inputs,
     preprocessed as for inference); returns the new file's bytes.
@@ -149,6 +176,9 @@ def quantize_onnx(
     optimization). With ``modules`` (names of submodules of the model that ``torch.onnx.export``
     exported) only their nodes are quantized; the rest (e.g. a detector's box decoding) stays
     float32; the nodes of ``float_modules`` (dotted submodule names) stay float32 too.
+    ``activation_quantization`` (``backbones.quantization.int8_simulation_sites``: module, ``"input"`` or
+    ``"output"``, scale, zero point) sets those tensors' scale and zero point instead of calibrating
+    them: the ranges a quantization-aware training used.
     """
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -179,7 +209,8 @@ def quantize_onnx(
                 prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=scheme == "reduce_range",
                 activation_type=types, weight_type=types, calibrate_method=methods[method],
                 nodes_to_exclude=_nodes_left_float(onnx_bytes, modules, float_modules),
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": scheme != "u8u8"},
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": scheme != "u8u8",
+                               "TensorQuantOverrides": _tensor_overrides(onnx_bytes, activation_quantization or [])},
             )
         return Path(target).read_bytes()
 
