@@ -252,6 +252,7 @@ class MobileOneBlock(nn.Module):
         del self.rbr_conv, self.rbr_scale, self.rbr_skip
         self.reparam_conv = fused
         self.inference_mode = True
+        self.from_fused = False  # no train-form layers left to calibrate
 
     def extra_repr(self) -> str:
         form = "inference" if self.inference_mode else f"train, {self.num_conv_branches} conv branches"

@@ -51,12 +51,18 @@ METRIC = "val/acc1"
 HALF = 250
 
 
+def half_indices(count: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, held-out) indices of ``fold`` among ``count`` sorted images: a seed-0 permutation
+    cut after ``HALF``; fold 1 swaps the halves."""
+    order = np.random.default_rng(0).permutation(count)
+    return (order[:HALF], order[HALF:]) if fold == 0 else (order[HALF:], order[:HALF])
+
+
 def halves(shared: Path, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(calibration images, held-out images, held-out labels) of ``fold``: imagenet-sample split in two
-    halves of ``HALF`` (seed 0; fold 1 swaps them), preprocessed as torchvision's ImageNet evaluation."""
+    halves of ``HALF`` (``half_indices``), preprocessed as torchvision's ImageNet evaluation."""
     paths, labels = imagenet_sample(shared / "datasets" / "imagenet-sample")
-    order = np.random.default_rng(0).permutation(len(paths))
-    calibration, held_out = (order[:HALF], order[HALF:]) if fold == 0 else (order[HALF:], order[:HALF])
+    calibration, held_out = half_indices(len(paths), fold)
     images = preprocess(paths)
     return images[calibration], images[held_out], np.asarray(labels)[held_out]
 

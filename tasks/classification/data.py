@@ -157,6 +157,9 @@ class ImageFolderDataModule(BaseDataModule):
         predict_dir: images to classify with ``predict``.
         demo: generate the synthetic demo dataset into ``root`` on first use (``prepare_data``).
         demo_images_per_class: training images per class of the demo set (a quarter as many for val).
+        unlabelled_train: read every image under the training split (at any depth) without a label
+            (``-1``), for training that needs none (``tasks.classification.qat``'s distillation):
+            the classes then come from ``classes`` and the training split may hold any folders.
     """
 
     def __init__(
@@ -180,6 +183,7 @@ class ImageFolderDataModule(BaseDataModule):
         predict_dir: str | None = None,
         demo: bool = False,
         demo_images_per_class: int = 160,
+        unlabelled_train: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -194,6 +198,9 @@ class ImageFolderDataModule(BaseDataModule):
             self.class_names = list(DEMO_CLASSES)
         elif classes is not None:
             self.class_folders, self.class_names = read_class_list(classes)
+        elif unlabelled_train:
+            raise ValueError("unlabelled_train: the training images name no class, so the classes need a list: "
+                             "--data.classes imagenet (ImageNet-1k) or a text file")
         else:
             train_dir = self.root / train_split
             if not train_dir.is_dir():
@@ -246,6 +253,11 @@ class ImageFolderDataModule(BaseDataModule):
         layout = layout_help(self.root, self.train_split, self.val_split)
         if not split_dir.is_dir():
             raise FileNotFoundError(f"{split_dir} does not exist; {layout}")
+        if split == self.train_split and self.hparams.unlabelled_train:
+            paths = list_images(split_dir)
+            if not paths:
+                raise FileNotFoundError(f"{split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}) at any depth (unlabelled_train)")
+            return [(path, -1) for path in paths]
         found = list_classes(split_dir)
         if self.hparams.classes is None and found != self.class_folders:
             missing = sorted(set(self.class_folders) - set(found))

@@ -101,7 +101,8 @@ class ImageClassificationTask(BaseTask):
         self.log("train/acc1", (logits.argmax(1) == labels).float().mean())
         return loss
 
-    def evaluate(self, batch: Any, prefix: str) -> None:
+    def evaluate(self, batch: Any, prefix: str) -> torch.Tensor:
+        """Update the metrics with one batch; returns its logits."""
         images, labels = batch
         logits = self(images)
         self.val_loss(F.cross_entropy(logits, labels, reduction="none"))  # a mean over samples, also across processes
@@ -111,6 +112,7 @@ class ImageClassificationTask(BaseTask):
         if self.val_acc5 is not None:
             self.val_acc5(logits, labels)
             self.log(f"{prefix}/acc5", self.val_acc5)
+        return logits
 
     def predict_batch(self, batch: Any) -> list[dict[str, Any]]:
         images, infos = batch
@@ -131,13 +133,14 @@ class ImageClassificationTask(BaseTask):
 
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         data = datamodule.hparams if datamodule is not None else {}
+        backbone = self.hparams.get("backbone", "mobileone")  # a MobileOne-only subclass (qat) has no backbone option
         return {
             "task": "classification",
-            "architecture": backbone_name(self.hparams.backbone, self.hparams.variant),
+            "architecture": backbone_name(backbone, self.hparams.variant),
             "build": f"backbones.mobileone({self.hparams.variant!r}, num_classes={self.hparams.num_classes}, "
             f"inference_mode=True, **{self.hparams.backbone_kwargs or {}})"
-            if self.hparams.backbone == "mobileone"
-            else f"tasks.common.backbones.classifier_network({self.hparams.backbone!r}, {self.hparams.variant!r}, {self.hparams.num_classes})",
+            if backbone == "mobileone"
+            else f"tasks.common.backbones.classifier_network({backbone!r}, {self.hparams.variant!r}, {self.hparams.num_classes})",
             "num_classes": self.hparams.num_classes,
             "class_names": self.hparams.class_names,
             "image_size": data.get("eval_image_size"),

@@ -109,6 +109,7 @@ def fuse_and_export(
     quantized_modules: Sequence[str] | None = None,
     deployment_agreement: Callable[[Any, Any], tuple[int, int]] | None = None,
     int8_preparation: bool = True,
+    int8_activations: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Fuse ``network`` and write it to ``output_dir``; return what was written and the measured errors.
 
@@ -140,7 +141,11 @@ def fuse_and_export(
     with the XNNPACK quantizer, same calibration). With ``int8_preparation`` both INT8 files are
     made from ``backbones.quantization.prepare_for_int8``'s copy of the fused network (the same
     function: MobileOne's activations equalized per channel, the bias of every quantized layer
-    corrected for its weights' int8 rounding, on the calibration batches). Each of these is run in its own runtime and
+    corrected for its weights' int8 rounding, on the calibration batches). ``int8_activations``
+    (``backbones.quantization.int8_simulation_sites`` of a network trained in its INT8 arithmetic,
+    whose ``remove_int8_simulation`` is ``network``) gives ``model.int8.onnx`` the activations'
+    scales and zero points that training used, and both INT8 files are made from the fused network
+    as it is (it is already equalized and bias-corrected). Each of these is run in its own runtime and
     compared with the fused float32 model (``report["deployed"][<file>]["vs_float32"]``: relative
     error of the outputs and the prediction agreement, from ``deployment_agreement`` when given
     (a looser match than ``agreement``'s for INT8's moved scores), else as defined above). With ``evaluate`` (a
@@ -217,7 +222,7 @@ def fuse_and_export(
         writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
     deployed = _deployment_files(fused, example_inputs, fused_output, dynamic_image_size, tolerance, report, writers,
                                  onnx_bytes if int8 else None, executorch, calibration, calibration_method, int8_scheme,
-                                 quantized_modules, int8_preparation)
+                                 quantized_modules, int8_preparation, int8_activations)
     if deployed:
         match = deployment_agreement or agreement or _argmax_agreement
         report["deployed"] = _compare_deployed(fused, deployed, example_inputs, match, evaluate, metric)
@@ -269,6 +274,7 @@ def _deployment_files(
     int8_scheme: str | None,
     quantized_modules: Sequence[str] | None,
     int8_preparation: bool,
+    int8_activations: Sequence[dict[str, Any]] | None,
 ) -> dict[str, nn.Module]:
     """Build the INT8 ONNX and ExecuTorch files asked for, add their writers, and return a module
     running each (by file name)."""
@@ -277,6 +283,8 @@ def _deployment_files(
         raise ValueError("INT8 quantization needs calibration images (batches of real training inputs); none were given")
     files: dict[str, bytes] = {}
     deployed: dict[str, nn.Module] = {}
+    trained_for_int8 = int8_activations is not None
+    int8_preparation = int8_preparation and not trained_for_int8
     prepared_copies: dict[int | None, nn.Module] = {}
 
     def prepared_for(levels: int | None) -> nn.Module:
@@ -292,16 +300,18 @@ def _deployment_files(
         source = onnx_bytes_to_quantize
         if int8_preparation:
             source = to_onnx_bytes(prepared_for(INT8_WEIGHT_LEVELS[int8_scheme]), example_inputs, dynamic_image_size)
-        files[ONNX_INT8_FILE] = quantize_onnx(source, calibration, calibration_method, quantized_modules, scheme=int8_scheme)
+        files[ONNX_INT8_FILE] = quantize_onnx(source, calibration, calibration_method, quantized_modules, scheme=int8_scheme,
+                                              activation_quantization=int8_activations)
         deployed[ONNX_INT8_FILE] = OnnxRuntimeNetwork(files[ONNX_INT8_FILE])
         report["int8_calibration"] = {
-            "images": _count(calibration), "onnx_method": calibration_method, "onnx_scheme": int8_scheme,
+            "images": _count(calibration), "onnx_scheme": int8_scheme,
+            "onnx_method": f"the ranges of quantization-aware training ({len(int8_activations)} tensors)" if trained_for_int8 else calibration_method,
             "cpu": cpu, "cpu_flags": cpu_flags(),
             "preparation": "equalized activations, weight-rounding bias corrected (backbones.quantization)" if int8_preparation else None,
             "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)" if executorch else None,
         }
-        log.info("INT8 ONNX quantized (static QDQ, %s, %s calibration on %d images; this CPU: %s) (%.1f s)", int8_scheme,
-                 calibration_method, _count(calibration), cpu, _since(started))
+        log.info("INT8 ONNX quantized (static QDQ, %s, activation ranges: %s on %d images; this CPU: %s) (%.1f s)", int8_scheme,
+                 report["int8_calibration"]["onnx_method"], _count(calibration), cpu, _since(started))
     if executorch:
         started = time.perf_counter()
         files[EXECUTORCH_FILE] = to_executorch(fused, example_inputs, dynamic_image_size)
@@ -636,12 +646,23 @@ def export_task(
         int8_preparation: quantize a copy of the fused network prepared for INT8 (the same
             function; ``backbones.quantization.prepare_for_int8``): MobileOne's activations
             equalized per channel, each quantized layer's bias corrected for its weights' int8
-            rounding. Off: the fused network as it is (plain post-training quantization).
+            rounding. Off: the fused network as it is (plain post-training quantization). Neither
+            for a network trained in its INT8 arithmetic (the task's ``int8_simulation()``): its
+            INT8 file is made in the scheme and with the activation ranges of the training.
         validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
             fused model are run through the validation split and their metrics recorded in
             ``model.json``; this limits that to the first batches (default: the whole split).
     """
     inputs = model.export_inputs(datamodule)
+    simulation = model.int8_simulation() if hasattr(model, "int8_simulation") else None
+    if simulation is not None and int8:
+        if int8_scheme is not None and int8_scheme != simulation["scheme"]:
+            raise ValueError(f"int8_scheme={int8_scheme!r}: this network was trained for INT8 in {simulation['scheme']!r}, "
+                             "the scheme its INT8 file is made in (train again with another --model.int8_scheme for another)")
+        int8_scheme = simulation["scheme"]
+        if int8_scheme != default_int8_scheme(int8_cpu()):
+            log.warning("the INT8 file is made in %s, which onnxruntime does not compute exactly on this CPU (%s): its "
+                        "validation here is not what the target CPU computes", int8_scheme, int8_cpu())
     calibration = None
     if int8:
         if calibration_images < 1:
@@ -670,6 +691,7 @@ def export_task(
         metric=model.validation_metric,
         quantized_modules=getattr(model, "export_quantized_modules", None),
         deployment_agreement=getattr(model, "deployment_agreement", None),
+        int8_activations=simulation["activations"] if simulation is not None else None,
     )
     lines = [f"exported to {output}:"]
     lines += [f"  {name}: {path}" for name, path in sorted(result["files"].items())]

@@ -138,7 +138,7 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
       ``export_metadata(datamodule)``, and where the defaults do not fit, ``export_network()``
       (default ``self.model``), ``export_images(batch)`` (default ``batch[0]``),
       ``deployed_model(network)`` (what validation runs for an exported ``network``; default the
-      network itself) and ``export_check_images``.
+      network itself), ``export_check_images`` and ``int8_simulation()``.
 
     The optimizer is SGD with the linear scaling rule (``tasks.common.optim``), stepped per
     optimizer step.
@@ -268,6 +268,12 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     def validating_with(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
         """A context in which validation runs ``network`` (an exported file's runner) instead of ``self.model``."""
         return replaced_submodule(self, "model", self.deployed_model(network))
+
+    def int8_simulation(self) -> dict[str, Any] | None:
+        """For a network trained in its INT8 arithmetic: ``{"scheme": <int8 scheme>, "activations":
+        <backbones.quantization.int8_simulation_sites>}``, which the INT8 export then uses instead of
+        preparing and calibrating the network itself. None (the default): post-training quantization."""
+        return None
 
     def input_normalization(self, datamodule: pl.LightningDataModule | None) -> dict[str, list[float]]:
         """``{"mean": ..., "std": ...}``: how the network's RGB inputs in [0, 1] are normalized, as
