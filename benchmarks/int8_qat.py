@@ -4,6 +4,9 @@ quantization-aware distillation (``tasks.classification.qat``), on real ImageNet
     python -m benchmarks.int8_qat                 # both folds, S0: about 40 minutes on 2 cores
     python -m benchmarks.int8_qat --folds 0 --schemes s8s8
 
+A step whose output is already there (``model.json``, ``last.ckpt``) is not run again: delete
+``--work-dir`` to start over.
+
 ``imagenet-sample``'s 500 images are split into the halves of ``benchmarks.int8_methods``
 (``half_indices``): per fold, ``<work-dir>/fold<k>/data/train`` links the images of one half (the
 calibration and distillation images, read without labels) and ``val`` those of the other (held
@@ -52,8 +55,11 @@ def fold_folders(shared: Path, fold: int, root: Path) -> Path:
     return root
 
 
-def run(arguments: list[str], log: Path) -> float:
-    """Run ``python -m <arguments>`` from the repository root, output to ``log``; its wall time."""
+def run(arguments: list[str], log: Path, done: Path) -> float:
+    """Run ``python -m <arguments>`` from the repository root, output to ``log``, unless ``done`` (the
+    file it writes last) exists from an earlier run; its wall time."""
+    if done.exists():
+        return 0.0
     started = time.perf_counter()
     with open(log, "w") as handle:
         completed = subprocess.run([sys.executable, "-m", *arguments], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
@@ -111,19 +117,20 @@ def main(argv: list[str] | None = None) -> None:
             ptq = work / "ptq"
             seconds = run(["tasks.classification", "export", "--config=configs/classification/mobileone_s0_imagenet.yaml", *common,
                            "--data.unlabelled_train=true", "--data.batch_size=32", f"--output={ptq}", "--int8=true",
-                           "--executorch=true", f"--int8_scheme={scheme}"], work / "ptq.log")
+                           "--executorch=true", f"--int8_scheme={scheme}"], work / "ptq.log", ptq / "model.json")
             ptq_metadata = json.loads((ptq / "model.json").read_text())
             float32 = ptq_metadata["deployed"]["model_fused.pt"]["validation"][METRIC]
             results += rows("post-training (export default)", fold, scheme, ptq_metadata, float32)
             print(f"fold {fold} {scheme}: post-training export in {seconds:.0f} s", flush=True)
             config = ["--config=configs/classification/qat_s0.yaml", *common]
             seconds = run(["tasks.classification.qat", "fit", *config, f"--model.int8_scheme={scheme}",
-                           f"--trainer.default_root_dir={work / 'qat'}", *args.fit], work / "qat_fit.log")
+                           f"--trainer.default_root_dir={work / 'qat'}", *args.fit], work / "qat_fit.log",
+                          work / "qat" / "checkpoints" / "last.ckpt")
             print(f"fold {fold} {scheme}: distillation in {seconds:.0f} s", flush=True)
             exported = work / "qat_export"
             seconds = run(["tasks.classification.qat", "export", *config, f"--model.int8_scheme={scheme}",
                            f"--ckpt_path={work / 'qat' / 'checkpoints' / 'last.ckpt'}", f"--output={exported}", "--int8=true",
-                           "--executorch=true"], work / "qat_export.log")
+                           "--executorch=true"], work / "qat_export.log", exported / "model.json")
             results += rows("quantization-aware distillation", fold, scheme, json.loads((exported / "model.json").read_text()), float32)
             print(f"fold {fold} {scheme}: distilled export in {seconds:.0f} s", flush=True)
     print(f"machine: {describe_machine('cpu')}; held-out half of imagenet-sample (250 images), the other half calibrates / distils")
