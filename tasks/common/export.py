@@ -654,8 +654,8 @@ def export_task(
             ``model.json``; this limits that to the first batches (default: the whole split).
     """
     inputs = model.export_inputs(datamodule)
-    simulation = model.int8_simulation() if hasattr(model, "int8_simulation") else None
-    if simulation is not None and int8:
+    simulation = model.int8_simulation() if int8 and hasattr(model, "int8_simulation") else None
+    if simulation is not None:
         if int8_scheme is not None and int8_scheme != simulation["scheme"]:
             raise ValueError(f"int8_scheme={int8_scheme!r}: this network was trained for INT8 in {simulation['scheme']!r}, "
                              "the scheme its INT8 file is made in (train again with another --model.int8_scheme for another)")
