@@ -181,3 +181,7 @@ def test_distillation_fits_and_exports_the_int8_file_it_trained_for(weights_and_
     with pytest.raises(ValueError, match="trained for INT8 in 'reduce_range'"):
         run("export", weights_and_data, tmp_path, f"--ckpt_path={checkpoint}", f"--output={tmp_path / 'other'}", "--int8=true",
             "--int8_scheme=s8s8")
+    with pytest.raises(ValueError, match="XNNPACK quantizes in s8s8"):  # its ExecuTorch INT8 program lost 15-20 points
+        run("export", weights_and_data, tmp_path, f"--ckpt_path={checkpoint}", f"--output={tmp_path / 'other'}", "--int8=true",
+            "--executorch=true")
+    assert not (tmp_path / "other").exists(), "refused before anything was written"

@@ -648,7 +648,8 @@ def export_task(
             equalized per channel, each quantized layer's bias corrected for its weights' int8
             rounding. Off: the fused network as it is (plain post-training quantization). Neither
             for a network trained in its INT8 arithmetic (the task's ``int8_simulation()``): its
-            INT8 file is made in the scheme and with the activation ranges of the training.
+            INT8 file is made in the scheme and with the activation ranges of the training (and
+            ``executorch`` is refused for one trained in ``reduce_range``, not XNNPACK's s8s8).
         validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
             fused model are run through the validation split and their metrics recorded in
             ``model.json``; this limits that to the first batches (default: the whole split).
@@ -660,6 +661,12 @@ def export_task(
             raise ValueError(f"int8_scheme={int8_scheme!r}: this network was trained for INT8 in {simulation['scheme']!r}, "
                              "the scheme its INT8 file is made in (train again with another --model.int8_scheme for another)")
         int8_scheme = simulation["scheme"]
+        if executorch and int8_scheme != "s8s8":
+            # Measured (benchmarks.int8_qat, Apple's S0): XNNPACK's int8 of a network trained for the 64-level
+            # reduce_range grid lost 15-20 points of top-1, while its onnxruntime file kept float32's accuracy.
+            raise ValueError(f"executorch=True with int8: this network was trained for INT8 in {int8_scheme!r} "
+                             "(weights on a 64-level grid), XNNPACK quantizes in s8s8 (127 levels) and loses its "
+                             "accuracy; export without --executorch, or train with --model.int8_scheme s8s8 for both files")
         if int8_scheme != default_int8_scheme(int8_cpu()):
             log.warning("the INT8 file is made in %s, which onnxruntime does not compute exactly on this CPU (%s): its "
                         "validation here is not what the target CPU computes", int8_scheme, int8_cpu())
