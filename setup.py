@@ -23,7 +23,7 @@ setup(
         "pycocotools>=2.0.7",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "matplotlib>=3.7", "rich>=13"],  # tests: 2 processes; the benchmarks' optional peers and plot; Rich's progress bar (tests/test_cli_output.py)
+        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "matplotlib>=3.7", "rich>=13", "import-linter>=2.1"],  # tests: 2 processes; the benchmarks' optional peers and plot; Rich's progress bar (tests/test_cli_output.py); the import contracts (.importlinter, tests/test_architecture.py)
         "bench": ["timm>=1.0", "matplotlib>=3.7"],  # timm's MobileOne as a peer; the latency plot
         "coreml": ["coremltools>=8.0"],  # backbones.export.to_coreml (conversion runs on Linux, prediction does not)
         "executorch": ["executorch>=1.5"],  # backbones.runtimes: ExecuTorch programs (XNNPACK) and PT2E INT8 (brings torchao)

@@ -21,9 +21,9 @@ from backbones.network import (
     SEBlock,
     calibrate_from_fused_,
     mark_folded_batchnorms_,
-    mobileone,
     reparameterize_model,
 )
+from backbones.factory import mobileone
 from backbones.quantization import prepare_for_int8
 
 __all__ = [

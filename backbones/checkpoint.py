@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from backbones.network import VARIANTS, MobileOne, MobileOneBlock, mobileone
+from backbones.network import VARIANTS, MobileOne, MobileOneBlock, variant_config
 
 __all__ = ["CheckpointMismatchError", "LoadReport", "describe_state_dict", "load_checkpoint", "read_state_dict"]
 
@@ -162,7 +162,7 @@ def read_state_dict(
 @functools.lru_cache(maxsize=None)
 def _reference_shapes(variant: str, inference_mode: bool) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = mobileone(variant, inference_mode=inference_mode)
+        model = MobileOne(**{**variant_config(variant), "inference_mode": inference_mode})
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -109,8 +109,7 @@ def _local_alternative(path: Path) -> str:
         f"To use the weights without downloading, fetch {path.name} on another machine and place it at\n"
         f"  {path}\n"
         f"(or set {CACHE_ENV} to a folder holding it), or pass a local path instead of downloading: "
-        f"--model.weights /path/to/{path.name} (--model.backbone_weights for detection and segmentation), "
-        f'or mobileone({variant}, weights="/path/to/{path.name}") in Python.'
+        f'mobileone({variant}, weights="/path/to/{path.name}").'
     )
 
 
@@ -285,7 +284,7 @@ def _hf_hub(spec: str, sha256: str | None) -> Path:
     except Exception as error:  # huggingface_hub's errors for offline, missing repo / file, auth
         raise WeightsDownloadError(
             f"could not get {filename} from the Hugging Face repository {repo_id}: {type(error).__name__}: {error}\n"
-            "Pass a local path instead (--model.weights /path/to/file, or mobileone(variant, weights=\"/path/to/file\"))."
+            "Pass a local path instead: mobileone(variant, weights=\"/path/to/file\")."
         ) from error
     if sha256 is not None and (actual := _file_sha256(local)) != sha256:
         raise WeightsIntegrityError(f"{local} (from {spec}) has SHA-256 {actual}, not the pinned {sha256}")

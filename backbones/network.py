@@ -12,7 +12,6 @@ reparameterizable, ``out_indices`` / ``feature_info`` feature extraction, ``froz
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -449,49 +448,6 @@ def variant_config(variant: str, what: str = "variant") -> dict[str, Any]:
     if name not in VARIANTS:
         raise ValueError(f"unknown MobileOne {what} {variant!r}; expected one of {sorted(VARIANTS)}")
     return dict(VARIANTS[name])
-
-
-def mobileone(
-    variant: str,
-    pretrained: bool = False,
-    weights: str | os.PathLike | None = None,
-    weights_sha256: str | None = None,
-    **kwargs: Any,
-) -> MobileOne:
-    """Build MobileOne ``variant`` ("s0" .. "s4", or "mobileone_s0" ..).
-
-    Keyword arguments go to :class:`MobileOne` and override the variant's table entry, e.g.
-    ``mobileone("s1", num_conv_branches=2)``. ``use_se=True`` / ``False`` switches the paper's SE
-    placement (last 5 blocks of stage 3 and the last block of stage 4) on or off.
-
-    ``pretrained=True`` loads Apple's ImageNet weights (train form; the fused file when
-    ``inference_mode=True``), downloaded once and cached (see :mod:`backbones.hub`); their
-    classifier is left out for a feature extractor (``out_indices``) or when ``num_classes`` is
-    not 1000. ``weights`` loads a local file, ``"apple"`` or ``"hf-hub:<owner>/<repo>[/<file>]"``
-    instead (strictly, see :func:`backbones.checkpoint.load_checkpoint`); ``weights_sha256`` pins
-    the file's SHA-256.
-    """
-    name = variant.lower().removeprefix("mobileone_")
-    config = variant_config(variant)
-    if pretrained and weights is not None:
-        raise ValueError(f"pass either pretrained=True (Apple's weights) or weights={weights!r}, not both")
-    use_se = kwargs.pop("use_se", None)
-    if use_se is not None:
-        blocks = kwargs.get("num_blocks_per_stage", DEFAULT_BLOCKS_PER_STAGE)
-        config["num_se_blocks"] = (0, 0, blocks[2] // 2, blocks[3]) if use_se else (0, 0, 0, 0)
-    config.update(kwargs)
-    model = MobileOne(**config)
-    spec = "apple" if pretrained else weights
-    if spec is not None:
-        from backbones.checkpoint import load_checkpoint  # checkpoint.py imports this module
-        from backbones.hub import is_apple_weights, resolve_weights
-
-        apple = is_apple_weights(spec)
-        path = resolve_weights(spec, name, inference_mode=model.inference_mode, sha256=weights_sha256)
-        # Apple's files hold a 1000-class ImageNet classifier: keep it only for a model that has one.
-        ignore_classifier = True if apple and model.num_classes != 1000 else None
-        load_checkpoint(model, path, ignore_classifier=ignore_classifier)
-    return model
 
 
 def mark_folded_batchnorms_(model: nn.Module) -> int:

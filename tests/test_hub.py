@@ -142,7 +142,6 @@ def _free_port() -> int:
 def _assert_offline_advice(message: str, url: str, cache: Path, name: str = TRAIN_FILE) -> None:
     assert url in message
     assert str(cache / name) in message
-    assert f"--model.weights /path/to/{name}" in message
     assert f'mobileone("s0", weights="/path/to/{name}")' in message
 
 

@@ -27,7 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
-from backbones import FeatureInfo, is_apple_weights, load_checkpoint, mark_folded_batchnorms_, mobileone, read_state_dict, resolve_weights
+from backbones import FeatureInfo, WeightsDownloadError, is_apple_weights, load_checkpoint, mark_folded_batchnorms_, mobileone, read_state_dict, resolve_weights
 
 __all__ = ["BASELINE_BACKBONES", "TorchvisionFeatures", "backbone_name", "classifier_network", "feature_extractor",
            "resolve_backbone_weights"]
@@ -219,7 +219,11 @@ def resolve_backbone_weights(backbone: str, variant: str, weights: str | None) -
     if weights is None:
         return None
     if backbone == MOBILEONE:
-        return str(resolve_weights(weights, variant))
+        try:
+            return str(resolve_weights(weights, variant))
+        except WeightsDownloadError as error:  # the library names its Python call; here, the task's flags
+            raise WeightsDownloadError(f"{error}\nFrom the command line: --model.weights /path/to/file "
+                                       "(--model.backbone_weights for detection and segmentation).") from error
     if is_apple_weights(weights):
         raise ValueError(f"weights 'apple' are Apple's MobileOne releases; {backbone} takes a local file")
     return weights
