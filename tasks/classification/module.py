@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones.atomic import atomic_write_file
-from tasks.common.backbones import backbone_name, classifier_network
+from tasks.common.backbones import backbone_name, classifier_network, get_backbone
 from tasks.common.module import BaseTask
 from tasks.common.optim import warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
@@ -137,10 +137,8 @@ class ImageClassificationTask(BaseTask):
         return {
             "task": "classification",
             "architecture": backbone_name(backbone, self.hparams.variant),
-            "build": f"backbones.mobileone({self.hparams.variant!r}, num_classes={self.hparams.num_classes}, "
-            f"inference_mode=True, **{self.hparams.backbone_kwargs or {}})"
-            if backbone == "mobileone"
-            else f"tasks.common.backbones.classifier_network({backbone!r}, {self.hparams.variant!r}, {self.hparams.num_classes})",
+            "build": get_backbone(backbone).deployment_build(backbone, self.hparams.variant, self.hparams.num_classes,
+                                                             self.hparams.backbone_kwargs or {}),
             "num_classes": self.hparams.num_classes,
             "class_names": self.hparams.class_names,
             "image_size": data.get("eval_image_size"),

@@ -15,12 +15,18 @@ stride become stride 1 and the later k x k convolutions are dilated instead (tor
 ``replace_stride_with_dilation`` convention: the first convolution of a dilated block keeps the
 previous dilation), so C4 and C5 both come out at the output stride. Weights start random unless
 a checkpoint is given.
+
+Every backbone is a :class:`Backbone` in the registry (``BACKBONES``), the one place that knows
+how to build one; ``register_backbone("name", Backbone(...))`` adds another, and every task takes
+it by name (``--model.backbone name``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,8 +35,8 @@ from torch import nn
 
 from backbones import FeatureInfo, WeightsDownloadError, is_apple_weights, load_checkpoint, mark_folded_batchnorms_, mobileone, read_state_dict, resolve_weights
 
-__all__ = ["BASELINE_BACKBONES", "TorchvisionFeatures", "backbone_name", "classifier_network", "feature_extractor",
-           "resolve_backbone_weights"]
+__all__ = ["BACKBONES", "BASELINE_BACKBONES", "Backbone", "TorchvisionFeatures", "backbone_name", "classifier_network",
+           "feature_extractor", "get_backbone", "register_backbone", "resolve_backbone_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +47,7 @@ TIMM_PREFIX = "timm:"
 
 def backbone_name(backbone: str, variant: str) -> str:
     """A readable name for reports and export metadata: ``mobileone_s0``, ``mobilenet_v2``, ..."""
-    return f"mobileone_{variant}" if backbone == MOBILEONE else backbone.removeprefix(TIMM_PREFIX)
-
-
-def _check(backbone: str, backbone_kwargs: dict[str, Any] | None) -> None:
-    if backbone != MOBILEONE and backbone not in BASELINE_BACKBONES and not backbone.startswith(TIMM_PREFIX):
-        raise ValueError(
-            f"unknown backbone {backbone!r}: expected {MOBILEONE!r} (variant from --model.variant), one of "
-            f"{', '.join(map(repr, BASELINE_BACKBONES))} (torchvision) or 'timm:<model name>'"
-        )
-    if backbone != MOBILEONE and backbone_kwargs:
-        raise ValueError(f"backbone_kwargs {sorted(backbone_kwargs)} apply to MobileOne only, not to {backbone!r}")
+    return get_backbone(backbone).name(backbone, variant)
 
 
 def _timm() -> Any:
@@ -108,29 +104,29 @@ def _torchvision_network(name: str, weights: str | None, num_classes: int = 1000
 def classifier_network(
     backbone: str, variant: str, num_classes: int, weights: str | None = None, backbone_kwargs: dict[str, Any] | None = None
 ) -> nn.Module:
-    """A whole classification network with ``num_classes`` outputs: MobileOne in train form (from a
-    fused file such as Apple's ``mobileone_sX.pth.tar`` too: see ``backbones.load_checkpoint``), or a
-    baseline's own network (torchvision's or timm's). ``weights`` as for :func:`feature_extractor`;
-    a classifier of another class count is left freshly initialized (a warning says so), while
-    weights of another width (another variant) raise ``load_checkpoint``'s error naming the file."""
-    _check(backbone, backbone_kwargs)
-    weights = resolve_backbone_weights(backbone, variant, weights)
-    if backbone == MOBILEONE:
-        state = read_state_dict(weights) if weights else None
-        network = mobileone(variant, num_classes=num_classes, **(backbone_kwargs or {}))
-        if state is not None:
-            head = state.get("linear.weight")
-            other_classes = head is not None and head.shape[0] != network.linear.weight.shape[0]
-            report = load_checkpoint(network, weights, ignore_classifier=other_classes)  # the path: errors name it
-            if other_classes:
-                log.warning("weights %s have a %d-class classifier, the model has %d classes: the classifier is re-initialized",
-                            weights, head.shape[0], num_classes)
-            log.info("loaded weights from %s%s%s", weights, f" (left out: {len(report.dropped)} keys)" if report.dropped else "",
-                     f"; {report.from_fused} layers built in train form from its fused convolutions" if report.from_fused else "")
-        return network
-    if backbone.startswith(TIMM_PREFIX):
-        return _timm().create_model(backbone.removeprefix(TIMM_PREFIX), num_classes=num_classes, **_timm_weights(weights))
-    return _torchvision_network(backbone, weights, num_classes)
+    """A whole classification network with ``num_classes`` outputs, built by ``backbone``'s registered
+    :class:`Backbone` (MobileOne in train form, from a fused file such as Apple's
+    ``mobileone_sX.pth.tar`` too: see ``backbones.load_checkpoint``; a baseline's own network,
+    torchvision's or timm's). ``weights`` as for :func:`feature_extractor`; a classifier of another
+    class count is left freshly initialized (a warning says so), while weights of another width
+    (another variant) raise ``load_checkpoint``'s error naming the file."""
+    entry = _checked(backbone, backbone_kwargs)
+    return entry.classifier(backbone, variant, num_classes, resolve_backbone_weights(backbone, variant, weights), **(backbone_kwargs or {}))
+
+
+def _mobileone_classifier(backbone: str, variant: str, num_classes: int, weights: str | None, **kwargs: Any) -> nn.Module:
+    state = read_state_dict(weights) if weights else None
+    network = mobileone(variant, num_classes=num_classes, **kwargs)
+    if state is not None:
+        head = state.get("linear.weight")
+        other_classes = head is not None and head.shape[0] != network.linear.weight.shape[0]
+        report = load_checkpoint(network, weights, ignore_classifier=other_classes)  # the path: errors name it
+        if other_classes:
+            log.warning("weights %s have a %d-class classifier, the model has %d classes: the classifier is re-initialized",
+                        weights, head.shape[0], num_classes)
+        log.info("loaded weights from %s%s%s", weights, f" (left out: {len(report.dropped)} keys)" if report.dropped else "",
+                 f"; {report.from_fused} layers built in train form from its fused convolutions" if report.from_fused else "")
+    return network
 
 
 def _set_dilation(conv: nn.Conv2d, dilation: int) -> None:
@@ -167,8 +163,6 @@ class TorchvisionFeatures(nn.Module):
 
     def __init__(self, name: str, output_stride: int = 32, weights: str | None = None) -> None:
         super().__init__()
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         features = _torchvision_network(name, weights).features
         with torch.no_grad():
             probe, sizes, channels = torch.zeros(1, 3, 64, 64), [], []
@@ -218,15 +212,21 @@ def resolve_backbone_weights(backbone: str, variant: str, weights: str | None) -
     other value is a path, for every backbone."""
     if weights is None:
         return None
-    if backbone == MOBILEONE:
-        try:
-            return str(resolve_weights(weights, variant))
-        except WeightsDownloadError as error:  # the library names its Python call; here, the task's flags
-            raise WeightsDownloadError(f"{error}\nFrom the command line: --model.weights /path/to/file "
-                                       "(--model.backbone_weights for detection and segmentation).") from error
+    return get_backbone(backbone).resolve_weights(backbone, variant, weights)
+
+
+def _local_weights(backbone: str, variant: str, weights: str) -> str:
     if is_apple_weights(weights):
         raise ValueError(f"weights 'apple' are Apple's MobileOne releases; {backbone} takes a local file")
     return weights
+
+
+def _mobileone_weights(backbone: str, variant: str, weights: str) -> str:
+    try:
+        return str(resolve_weights(weights, variant))
+    except WeightsDownloadError as error:  # the library names its Python call; here, the task's flags
+        raise WeightsDownloadError(f"{error}\nFrom the command line: --model.weights /path/to/file "
+                                   "(--model.backbone_weights for detection and segmentation).") from error
 
 
 def feature_extractor(
@@ -242,13 +242,96 @@ def feature_extractor(
     ``backbones.load_checkpoint``), for torchvision networks a torchvision state dict or one of our
     classification ``.ckpt`` files, for timm a local file timm can load.
     """
-    _check(backbone, backbone_kwargs)
+    entry = _checked(backbone, backbone_kwargs)
     weights = resolve_backbone_weights(backbone, variant, weights)
-    if backbone == MOBILEONE:
-        network = mobileone(variant, out_indices=(3, 4), output_stride=output_stride, **(backbone_kwargs or {}))
-        if weights:
-            load_checkpoint(network, weights)
-        return network
-    if backbone.startswith(TIMM_PREFIX):
-        return TimmFeatures(backbone.removeprefix(TIMM_PREFIX), output_stride, weights)
-    return TorchvisionFeatures(backbone, output_stride, weights)
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    return entry.features(backbone, variant, output_stride, weights, **(backbone_kwargs or {}))
+
+
+def _mobileone_features(backbone: str, variant: str, output_stride: int, weights: str | None, **kwargs: Any) -> nn.Module:
+    network = mobileone(variant, out_indices=(3, 4), output_stride=output_stride, **kwargs)
+    if weights:
+        load_checkpoint(network, weights)
+    return network
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How the tasks build one backbone (or a family of them, named by a prefix such as ``"timm:"``).
+
+    Each callable gets the ``--model.backbone`` string as given and ``--model.variant``:
+
+    - ``classifier(backbone, variant, num_classes, weights, **backbone_kwargs)``: a whole network
+      with ``num_classes`` outputs (classification), loaded from the local file ``weights`` if given;
+    - ``features(backbone, variant, output_stride, weights, **backbone_kwargs)``: a module returning
+      ``[C4, C5]`` (the last outputs at strides 16 and 32, both at ``output_stride`` 8 or 16 when
+      dilated) with a timm-style ``feature_info`` of two entries (detection, segmentation);
+    - ``name(backbone, variant)``: a readable name for reports and export metadata;
+    - ``resolve_weights(backbone, variant, weights)``: ``--model.weights`` as a local file (default:
+      the path itself; named releases such as ``"apple"`` are the backbone's to resolve);
+    - ``takes_kwargs``: whether ``--model.backbone_kwargs`` apply;
+    - ``deployment_build(backbone, variant, num_classes, backbone_kwargs)``: a Python expression
+      that rebuilds the exported classifier, for ``model.json`` (default: ``classifier_network``'s call).
+    """
+
+    classifier: Callable[..., nn.Module]
+    features: Callable[..., nn.Module]
+    name: Callable[[str, str], str] = lambda backbone, variant: backbone
+    resolve_weights: Callable[[str, str, str], str] = _local_weights
+    takes_kwargs: bool = False
+    deployment_build: Callable[[str, str, int, dict[str, Any]], str] = (
+        lambda backbone, variant, num_classes, kwargs:
+        f"tasks.common.backbones.classifier_network({backbone!r}, {variant!r}, {num_classes})"
+    )
+
+
+BACKBONES: dict[str, Backbone] = {}
+"""The registry: ``--model.backbone`` name (or a prefix ending in ``:``) → its :class:`Backbone`."""
+
+
+def register_backbone(name: str, backbone: Backbone) -> None:
+    """Make ``name`` a ``--model.backbone`` of every task (``"prefix:"`` for a family: ``"prefix:<anything>"``)."""
+    if name in BACKBONES:
+        raise ValueError(f"backbone {name!r} is registered already")
+    BACKBONES[name] = backbone
+
+
+def get_backbone(name: str) -> Backbone:
+    """The registered :class:`Backbone` of ``name``; a ``ValueError`` listing the registered ones otherwise."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    prefix = name.split(":", 1)[0] + ":" if ":" in name else None
+    if prefix in BACKBONES:
+        return BACKBONES[prefix]
+    known = ", ".join(repr(k + "<model name>" if k.endswith(":") else k) for k in BACKBONES)
+    raise ValueError(f"unknown backbone {name!r}: expected one of {known} ({MOBILEONE!r} takes its variant from --model.variant)")
+
+
+def _checked(backbone: str, backbone_kwargs: dict[str, Any] | None) -> Backbone:
+    entry = get_backbone(backbone)
+    if backbone_kwargs and not entry.takes_kwargs:
+        raise ValueError(f"backbone_kwargs {sorted(backbone_kwargs)} apply to MobileOne only, not to {backbone!r}")
+    return entry
+
+
+register_backbone(MOBILEONE, Backbone(
+    classifier=_mobileone_classifier,
+    features=_mobileone_features,
+    name=lambda backbone, variant: f"mobileone_{variant}",
+    resolve_weights=_mobileone_weights,
+    takes_kwargs=True,
+    deployment_build=lambda backbone, variant, num_classes, kwargs:
+        f"backbones.mobileone({variant!r}, num_classes={num_classes}, inference_mode=True, **{kwargs or {}})",
+))
+for _name in BASELINE_BACKBONES:
+    register_backbone(_name, Backbone(
+        classifier=lambda backbone, variant, num_classes, weights: _torchvision_network(backbone, weights, num_classes),
+        features=lambda backbone, variant, output_stride, weights: TorchvisionFeatures(backbone, output_stride, weights),
+    ))
+register_backbone(TIMM_PREFIX, Backbone(
+    classifier=lambda backbone, variant, num_classes, weights:
+        _timm().create_model(backbone.removeprefix(TIMM_PREFIX), num_classes=num_classes, **_timm_weights(weights)),
+    features=lambda backbone, variant, output_stride, weights: TimmFeatures(backbone.removeprefix(TIMM_PREFIX), output_stride, weights),
+    name=lambda backbone, variant: backbone.removeprefix(TIMM_PREFIX),
+))
