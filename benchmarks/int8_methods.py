@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks.int8_schemes import DEFAULT_SHARED, MODELS, ROOT, fused_network, imagenet_sample, one_thread_session, preprocess
 
-VARIANTS = {  # fuse_and_export's INT8 options
+VARIANTS = {  # fuse_and_export's INT8 options (ExportOptions)
     "ptq": dict(int8_preparation=False, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
     "prepared": dict(int8_preparation=True, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
     "prepared_percentile": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8"),
@@ -72,7 +72,7 @@ def export(model: str, variant: str, data: tuple[np.ndarray, np.ndarray, np.ndar
     options, calibrated on the calibration half and validated on the held-out one; its ``model.json`` and wall time."""
     import torch
 
-    from tasks.common.export import fuse_and_export
+    from tasks.common.export import ExportContext, ExportOptions, fuse_and_export
 
     calibration_images, held_out, labels = (torch.from_numpy(a) for a in data)
 
@@ -82,8 +82,8 @@ def export(model: str, variant: str, data: tuple[np.ndarray, np.ndarray, np.ndar
         return {METRIC: float((predicted == labels).float().mean())}
 
     started = time.perf_counter()
-    fuse_and_export(fused_network(model, weights), held_out[:16], output, {"model": model}, int8=True,
-                    calibration=list(calibration_images.split(32)), evaluate=evaluate, metric=METRIC, **VARIANTS[variant])
+    fuse_and_export(fused_network(model, weights), held_out[:16], output, {"model": model}, ExportOptions(int8=True, **VARIANTS[variant]),
+                    ExportContext(calibration=list(calibration_images.split(32)), evaluate=evaluate, metric=METRIC))
     return json.loads((output / "model.json").read_text()), time.perf_counter() - started
 
 

@@ -74,13 +74,13 @@ def test_failed_reexport_leaves_the_earlier_export_as_it_was(tmp_path, monkeypat
     the one after them): the first export's folder keeps the same files and bytes, and no scratch
     folder is left."""
     out = tmp_path / "exported"
-    export.fuse_and_export(network(1), EXAMPLE, out, {"run": 1}, onnx=True)
+    export.fuse_and_export(network(1), EXAMPLE, out, {"run": 1}, export.ExportOptions(onnx=True))
     before = snapshot(out)
     assert sorted(before) == ["model.json", "model.onnx", "model_fused.pt"]
 
     monkeypatch.setattr(export, "_coreml_export", lambda *args: (_PackageThatFailsToSave(error), {}))
     with pytest.raises(type(error)):
-        export.fuse_and_export(network(2), EXAMPLE, out, {"run": 2}, onnx=True, coreml=True)
+        export.fuse_and_export(network(2), EXAMPLE, out, {"run": 2}, export.ExportOptions(onnx=True, coreml=True))
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"], "no scratch folder is left"
 
@@ -89,7 +89,7 @@ def test_killed_reexport_leaves_the_earlier_export_and_at_most_a_hidden_scratch_
     """The user's case: a re-export killed (SIGKILL, no clean-up at all) while it writes
     ``model.json``, after the new weights: the target is the first export, byte for byte."""
     out = tmp_path / "exported"
-    export.fuse_and_export(network(1), EXAMPLE, out, {"run": 1}, onnx=False)
+    export.fuse_and_export(network(1), EXAMPLE, out, {"run": 1}, export.ExportOptions(onnx=False))
     before = snapshot(out)
     script = """if True:
         import os, pathlib, signal, sys, torch
@@ -105,7 +105,7 @@ def test_killed_reexport_leaves_the_earlier_export_and_at_most_a_hidden_scratch_
         pathlib.Path.write_text = killed_midway
         torch.manual_seed(2)
         x = torch.randn(2, 3, 32, 32)
-        export.fuse_and_export(randomize_batchnorm(mobileone("s0", num_classes=4), seed=2), x, sys.argv[1], {}, onnx=False)
+        export.fuse_and_export(randomize_batchnorm(mobileone("s0", num_classes=4), seed=2), x, sys.argv[1], {}, export.ExportOptions(onnx=False))
     """
     done = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
@@ -113,7 +113,7 @@ def test_killed_reexport_leaves_the_earlier_export_and_at_most_a_hidden_scratch_
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "exported")
     assert len(leftovers) == 1 and leftovers[0].startswith(".exported.") and leftovers[0].endswith(".tmp"), leftovers
     # the next export replaces the folder as usual (the scratch folder of the killed one stays for the user to remove)
-    export.fuse_and_export(network(3), EXAMPLE, out, {"run": 3}, onnx=False)
+    export.fuse_and_export(network(3), EXAMPLE, out, {"run": 3}, export.ExportOptions(onnx=False))
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model_fused.pt"]
 
 
@@ -121,12 +121,12 @@ def test_reexport_replaces_the_folder_completely(tmp_path, fake_onnx):
     """No file of the first export survives a successful second one (its ``model.onnx`` when the
     second has none), nor a temporary file an interrupted older version left there."""
     out = tmp_path / "exported"
-    export.fuse_and_export(network(1), EXAMPLE, out, {"run": 1}, onnx=True)
+    export.fuse_and_export(network(1), EXAMPLE, out, {"run": 1}, export.ExportOptions(onnx=True))
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model_fused.pt"]
     (out / ".model.onnx.k2x9_a.tmp").write_bytes(b"left by a killed file-by-file export")
     first_weights = (out / "model_fused.pt").read_bytes()
 
-    result = export.fuse_and_export(network(2), EXAMPLE, out, {"run": 2}, onnx=False)
+    result = export.fuse_and_export(network(2), EXAMPLE, out, {"run": 2}, export.ExportOptions(onnx=False))
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model_fused.pt"]
     assert (out / "model_fused.pt").read_bytes() != first_weights
     assert '"run": 2' in (out / "model.json").read_text()
@@ -138,16 +138,16 @@ def test_export_refuses_a_folder_holding_foreign_files(tmp_path, fake_onnx):
     """A user's own file in the export folder: a clear error naming the folder and the file,
     before any work, and the folder is left exactly as it was."""
     out = tmp_path / "exported"
-    export.fuse_and_export(network(1), EXAMPLE, out, {"run": 1}, onnx=True)
+    export.fuse_and_export(network(1), EXAMPLE, out, {"run": 1}, export.ExportOptions(onnx=True))
     (out / "notes.txt").write_text("my notes")
     before = snapshot(out)
     with pytest.raises(FileExistsError, match=rf"{re.escape(str(out))}.*notes\.txt.*refusing to replace"):
-        export.fuse_and_export(network(2), EXAMPLE, out, {"run": 2}, onnx=False)
+        export.fuse_and_export(network(2), EXAMPLE, out, {"run": 2}, export.ExportOptions(onnx=False))
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
     (tmp_path / "a_file").write_text("")
     with pytest.raises(NotADirectoryError, match="a_file"):
-        export.fuse_and_export(network(2), EXAMPLE, tmp_path / "a_file", {}, onnx=False)
+        export.fuse_and_export(network(2), EXAMPLE, tmp_path / "a_file", {}, export.ExportOptions(onnx=False))
 
 
 def test_export_files_and_folder_follow_the_umask(tmp_path, fake_onnx):
@@ -156,7 +156,7 @@ def test_export_files_and_folder_follow_the_umask(tmp_path, fake_onnx):
         out = tmp_path / f"exported_{mask:o}"
         for seed in seeds:
             with umask(mask):
-                export.fuse_and_export(network(seed), EXAMPLE, out, {}, onnx=True)
+                export.fuse_and_export(network(seed), EXAMPLE, out, {}, export.ExportOptions(onnx=True))
             assert mode(out) == dir_mode, f"umask {mask:o}: folder {mode(out):o}"
             assert {p.name: mode(p) for p in out.iterdir()} == dict.fromkeys(
                 ["model.json", "model.onnx", "model_fused.pt"], file_mode

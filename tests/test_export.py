@@ -69,7 +69,7 @@ def test_fuse_and_export_checks_torchscript_before_writing(tmp_path, monkeypatch
 
     network = randomize_batchnorm(mobileone("s0", num_classes=4))
     x = torch.randn(2, 3, 32, 32)
-    result = export.fuse_and_export(network, x, tmp_path / "ok", {"task": "test"}, onnx=False, torchscript=True)
+    result = export.fuse_and_export(network, x, tmp_path / "ok", {"task": "test"}, export.ExportOptions(onnx=False, torchscript=True))
     assert result["torchscript_vs_pytorch_relative_error"] < 1e-6
     metadata = json.loads((tmp_path / "ok" / "model.json").read_text())
     assert metadata["torchscript_vs_pytorch_relative_error"] == result["torchscript_vs_pytorch_relative_error"]
@@ -89,7 +89,7 @@ def test_fuse_and_export_checks_torchscript_before_writing(tmp_path, monkeypatch
     real = export.to_torchscript
     monkeypatch.setattr(export, "to_torchscript", lambda *a, **k: Perturbed(real(*a, **k)))
     with pytest.raises(RuntimeError, match=r"TorchScript.*1\.000e-03 > 1e-05.*nothing was written"):
-        export.fuse_and_export(network, x, tmp_path / "bad", {}, onnx=True, torchscript=True)
+        export.fuse_and_export(network, x, tmp_path / "bad", {}, export.ExportOptions(onnx=True, torchscript=True))
     assert not (tmp_path / "bad").exists()
 
 
@@ -98,11 +98,12 @@ def test_export_reports_agreement_with_its_count_and_none_on_too_few(tmp_path):
 
     network = randomize_batchnorm(mobileone("s0", num_classes=4))
     x = torch.randn(12, 3, 32, 32)
-    result = export.fuse_and_export(network, x, tmp_path / "images", {}, onnx=False)
+    result = export.fuse_and_export(network, x, tmp_path / "images", {}, export.ExportOptions(onnx=False))
     assert result["fused_vs_unfused_agreement"] == 1.0 and result["fused_vs_unfused_agreement_count"] == 12
-    few = export.fuse_and_export(network, x[:3], tmp_path / "few", {}, onnx=False)
+    few = export.fuse_and_export(network, x[:3], tmp_path / "few", {}, export.ExportOptions(onnx=False))
     assert few["fused_vs_unfused_agreement"] is None and few["fused_vs_unfused_agreement_count"] == 3
-    half = export.fuse_and_export(network, x, tmp_path / "half", {}, onnx=False, agreement=lambda fused, trained: (6, 12))
+    half = export.fuse_and_export(network, x, tmp_path / "half", {}, export.ExportOptions(onnx=False),
+                                  export.ExportContext(agreement=lambda fused, trained: (6, 12)))
     assert half["fused_vs_unfused_agreement"] == 0.5
 
 
@@ -128,16 +129,17 @@ def test_coreml_needs_the_extra_and_a_fixed_size(monkeypatch, tmp_path):
     import sys
 
     from backbones import fuse_for_deployment, to_coreml
-    from tasks.common.export import fuse_and_export
+    from tasks.common.export import ExportContext, ExportOptions, fuse_and_export
 
     network = randomize_batchnorm(mobileone("s0", num_classes=4))
     monkeypatch.setitem(sys.modules, "coremltools", None)  # makes ``import coremltools`` fail
     with pytest.raises(ImportError, match=r'pip install -e "\.\[coreml\]"'):
         to_coreml(fuse_for_deployment(network), torch.randn(1, 3, 32, 32))
     with pytest.raises(ImportError, match=r"coreml"):
-        fuse_and_export(network, torch.randn(2, 3, 32, 32), tmp_path / "a", {}, onnx=False, coreml=True)
+        fuse_and_export(network, torch.randn(2, 3, 32, 32), tmp_path / "a", {}, ExportOptions(onnx=False, coreml=True))
     with pytest.raises(ValueError, match=r"coreml_image_size"):
-        fuse_and_export(network, torch.randn(2, 3, 32, 32), tmp_path / "b", {}, onnx=False, coreml=True, dynamic_image_size=True)
+        fuse_and_export(network, torch.randn(2, 3, 32, 32), tmp_path / "b", {}, ExportOptions(onnx=False, coreml=True),
+                        ExportContext(dynamic_image_size=True))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,57 @@ EXPORT_FILES = frozenset(
 )
 
 
+Agreement = Callable[[Any, Any], "tuple[int, int]"]  # (predictions matched, predictions compared) of two outputs
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export writes and how strictly it checks it: the ``export`` subcommand's flags that
+    are not about data (see :func:`export_task` for each)."""
+
+    onnx: bool = True
+    torchscript: bool = False
+    tolerance: float = 1e-5
+    coreml: bool = False
+    coreml_precision: Literal["float16", "float32"] = "float16"
+    coreml_image_input: bool = False
+    coreml_image_size: int | tuple[int, int] | None = None
+    int8: bool = False
+    executorch: bool = False
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "percentile"
+    int8_scheme: Literal["s8s8", "u8u8", "reduce_range"] | None = None
+    int8_preparation: bool = True
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What the exporter is told about the network and its data (``export_task`` fills it from the
+    task's declared hooks, ``tasks.common.module.BaseTask``).
+
+    - ``dynamic_image_size``: the ONNX, TorchScript and ExecuTorch files take any height and width;
+    - ``agreement(fused_output, trained_output)``: (predictions matched, predictions compared),
+      default equal ``argmax`` over dim 1 (per image, or per pixel); ``deployment_agreement`` the
+      same for a deployed file against the fused model (default ``agreement``);
+    - ``quantized_modules``: INT8 quantizes only these submodules (default: the whole network);
+    - ``output_names``: the CoreML program's output names;
+    - ``calibration``: batches of real training inputs for INT8 calibration;
+    - ``int8_activations``: ``backbones.quantization.int8_simulation_sites`` of a network trained
+      in its INT8 arithmetic (its INT8 files are then made from the network as it is);
+    - ``evaluate(network)``: the task's validation metrics with ``network`` in place of the trained
+      one; ``metric`` the one the log lines quote.
+    """
+
+    dynamic_image_size: bool = False
+    agreement: Agreement | None = None
+    deployment_agreement: Agreement | None = None
+    quantized_modules: Sequence[str] | None = None
+    output_names: list[str] | None = None
+    calibration: list[torch.Tensor] | None = None
+    int8_activations: Sequence[dict[str, Any]] | None = None
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    metric: str | None = None
+
+
 def is_export_file(name: str) -> bool:
     """Whether ``name`` (an entry of an export folder) is one an export writes, or a temporary file
     an interrupted export of an earlier version (which wrote file by file) left behind."""
@@ -76,7 +128,7 @@ def _worst_error(actual: Any, expected: Any) -> float:
 MIN_AGREEMENT_COUNT = 10
 
 
-def _argmax_agreement(actual: Any, expected: Any) -> tuple[int, int]:
+def argmax_agreement(actual: Any, expected: Any) -> tuple[int, int]:
     """(positions whose top class is the same, positions compared): images, or pixels."""
     pairs = [(a, e) for a, e in zip(output_tensors(actual), output_tensors(expected)) if a.ndim >= 2]
     same = sum(int((a.argmax(1) == e.argmax(1)).sum()) for a, e in pairs)
@@ -89,29 +141,13 @@ def fuse_and_export(
     example_inputs: torch.Tensor,
     output_dir: str | os.PathLike,
     metadata: dict[str, Any],
-    onnx: bool = True,
-    torchscript: bool = False,
-    tolerance: float = 1e-5,
-    dynamic_image_size: bool = False,
-    agreement: Callable[[Any, Any], tuple[int, int]] | None = None,
-    coreml: bool = False,
-    coreml_precision: str = "float16",
-    coreml_image_input: bool = False,
-    coreml_image_size: int | tuple[int, int] | None = None,
-    output_names: list[str] | None = None,
-    int8: bool = False,
-    executorch: bool = False,
-    calibration: list[torch.Tensor] | None = None,
-    calibration_method: str = "percentile",
-    int8_scheme: str | None = None,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-    metric: str | None = None,
-    quantized_modules: Sequence[str] | None = None,
-    deployment_agreement: Callable[[Any, Any], tuple[int, int]] | None = None,
-    int8_preparation: bool = True,
-    int8_activations: Sequence[dict[str, Any]] | None = None,
+    options: ExportOptions = ExportOptions(),
+    context: ExportContext = ExportContext(),
 ) -> dict[str, Any]:
     """Fuse ``network`` and write it to ``output_dir``; return what was written and the measured errors.
+
+    What to write and how strictly to check are ``options`` (:class:`ExportOptions`), what is known
+    of the network and its data ``context`` (:class:`ExportContext`); below, each is named by its field.
 
     Fusing = MobileOne layers reparameterized, then conv-BN pairs of ``nn.Sequential`` blocks
     (e.g. a segmentation head) folded. The report also gives the agreement between the fused and
@@ -176,7 +212,7 @@ def fuse_and_export(
         fused_output = fused(example_inputs)
     refuse_non_finite(network, example_inputs, reference, "the trained network")
     refuse_non_finite(fused, example_inputs, fused_output, "the fused network")
-    matched, compared = (agreement or _argmax_agreement)(fused_output, reference)
+    matched, compared = (context.agreement or argmax_agreement)(fused_output, reference)
     report: dict[str, Any] = {
         "fused_vs_unfused_relative_error": _worst_error(fused_output, reference),
         "fused_vs_unfused_agreement": matched / compared if compared >= MIN_AGREEMENT_COUNT else None,
@@ -187,45 +223,45 @@ def fuse_and_export(
                     compared, len(example_inputs), MIN_AGREEMENT_COUNT)
     log.info("reparameterized and compared with the trained model on %d images: relative error %.3e (%.1f s)",
              len(example_inputs), report["fused_vs_unfused_relative_error"], _since(started))
-    _check(report, "fused_vs_unfused_relative_error", tolerance, "the fused model differs from the trained one")
+    _check(report, "fused_vs_unfused_relative_error", options.tolerance, "the fused model differs from the trained one")
 
     # Convert and check every format first, write afterwards: a failed check leaves output_dir untouched.
     writers: dict[str, tuple[str, Callable[[Path], object]]] = {
         "weights": (FUSED_WEIGHTS, lambda p: torch.save(fused.state_dict(), p)),
     }
     onnx_bytes = None
-    if onnx or int8:
+    if options.onnx or options.int8:
         started = time.perf_counter()
         onnx_bytes, report["onnx_vs_pytorch_relative_error"] = _onnx_export(
-            fused, example_inputs, fused_output, dynamic_image_size
+            fused, example_inputs, fused_output, context.dynamic_image_size
         )
         log.info("ONNX exported and run in onnxruntime: relative error %.3e vs PyTorch (%.1f s)",
                  report["onnx_vs_pytorch_relative_error"], _since(started))
-        _check(report, "onnx_vs_pytorch_relative_error", tolerance, "onnxruntime's output differs from PyTorch's")
-    if onnx:
+        _check(report, "onnx_vs_pytorch_relative_error", options.tolerance, "onnxruntime's output differs from PyTorch's")
+    if options.onnx:
         writers["onnx"] = (ONNX_FILE, lambda p: p.write_bytes(onnx_bytes))
-    if torchscript:
+    if options.torchscript:
         started = time.perf_counter()
-        traced = to_torchscript(fused, example_inputs, dynamic_image_size)
+        traced = to_torchscript(fused, example_inputs, context.dynamic_image_size)
         with torch.no_grad():
             report["torchscript_vs_pytorch_relative_error"] = _worst_error(traced(example_inputs), fused_output)
         log.info("TorchScript traced and run: relative error %.3e vs PyTorch (%.1f s)",
                  report["torchscript_vs_pytorch_relative_error"], _since(started))
-        _check(report, "torchscript_vs_pytorch_relative_error", tolerance, "the TorchScript trace's output differs from PyTorch's")
+        _check(report, "torchscript_vs_pytorch_relative_error", options.tolerance, "the TorchScript trace's output differs from PyTorch's")
         writers["torchscript"] = (TORCHSCRIPT_FILE, lambda p: traced.save(str(p)))
-    if coreml:
+    if options.coreml:
         started = time.perf_counter()
         mlmodel, report["coreml"] = _coreml_export(
-            fused, example_inputs, metadata, coreml_precision, coreml_image_input, coreml_image_size, dynamic_image_size, output_names
+            fused, example_inputs, metadata, options.coreml_precision, options.coreml_image_input, options.coreml_image_size,
+            context.dynamic_image_size, context.output_names,
         )
-        log.info("CoreML ML program converted (%s): ops %s (%.1f s)", coreml_precision, report["coreml"].get("op_types"), _since(started))
+        log.info("CoreML ML program converted (%s): ops %s (%.1f s)", options.coreml_precision, report["coreml"].get("op_types"), _since(started))
         writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
-    deployed = _deployment_files(fused, example_inputs, fused_output, dynamic_image_size, tolerance, report, writers,
-                                 onnx_bytes if int8 else None, executorch, calibration, calibration_method, int8_scheme,
-                                 quantized_modules, int8_preparation, int8_activations)
+    deployed = _deployment_files(fused, example_inputs, fused_output, report, writers, onnx_bytes if options.int8 else None,
+                                 options, context)
     if deployed:
-        match = deployment_agreement or agreement or _argmax_agreement
-        report["deployed"] = _compare_deployed(fused, deployed, example_inputs, match, evaluate, metric)
+        match = context.deployment_agreement or context.agreement or argmax_agreement
+        report["deployed"] = _compare_deployed(fused, deployed, example_inputs, match, context.evaluate, context.metric)
 
     def write_metadata(path: Path) -> None:  # last: its presence marks a complete export
         names = sorted(name for name, _ in writers.values() if name != METADATA)
@@ -263,28 +299,23 @@ def _deployment_files(
     fused: nn.Module,
     example_inputs: torch.Tensor,
     fused_output: Any,
-    dynamic_image_size: bool,
-    tolerance: float,
     report: dict[str, Any],
     writers: dict[str, tuple[str, Callable[[Path], object]]],
     onnx_bytes_to_quantize: bytes | None,
-    executorch: bool,
-    calibration: list[torch.Tensor] | None,
-    calibration_method: str,
-    int8_scheme: str | None,
-    quantized_modules: Sequence[str] | None,
-    int8_preparation: bool,
-    int8_activations: Sequence[dict[str, Any]] | None,
+    options: ExportOptions,
+    context: ExportContext,
 ) -> dict[str, nn.Module]:
     """Build the INT8 ONNX and ExecuTorch files asked for, add their writers, and return a module
     running each (by file name)."""
     quantize = onnx_bytes_to_quantize is not None
+    calibration, quantized_modules, int8_activations = context.calibration, context.quantized_modules, context.int8_activations
+    dynamic_image_size, executorch = context.dynamic_image_size, options.executorch
     if quantize and not calibration:
         raise ValueError("INT8 quantization needs calibration images (batches of real training inputs); none were given")
     files: dict[str, bytes] = {}
     deployed: dict[str, nn.Module] = {}
     trained_for_int8 = int8_activations is not None
-    int8_preparation = int8_preparation and not trained_for_int8
+    int8_preparation = options.int8_preparation and not trained_for_int8
     prepared_copies: dict[int | None, nn.Module] = {}
 
     def prepared_for(levels: int | None) -> nn.Module:
@@ -296,16 +327,17 @@ def _deployment_files(
     if quantize:
         started = time.perf_counter()
         cpu = int8_cpu()
-        int8_scheme = int8_scheme or default_int8_scheme(cpu)
+        int8_scheme = options.int8_scheme or default_int8_scheme(cpu)
         source = onnx_bytes_to_quantize
         if int8_preparation:
             source = to_onnx_bytes(prepared_for(INT8_WEIGHT_LEVELS[int8_scheme]), example_inputs, dynamic_image_size)
-        files[ONNX_INT8_FILE] = quantize_onnx(source, calibration, calibration_method, quantized_modules, scheme=int8_scheme,
+        files[ONNX_INT8_FILE] = quantize_onnx(source, calibration, options.calibration_method, quantized_modules, scheme=int8_scheme,
                                               activation_quantization=int8_activations)
         deployed[ONNX_INT8_FILE] = OnnxRuntimeNetwork(files[ONNX_INT8_FILE])
         report["int8_calibration"] = {
             "images": _count(calibration), "onnx_scheme": int8_scheme,
-            "onnx_method": f"the ranges of quantization-aware training ({len(int8_activations)} tensors)" if trained_for_int8 else calibration_method,
+            "onnx_method": (f"the ranges of quantization-aware training ({len(int8_activations)} tensors)" if trained_for_int8
+                            else options.calibration_method),
             "cpu": cpu, "cpu_flags": cpu_flags(),
             "preparation": "equalized activations, weight-rounding bias corrected (backbones.quantization)" if int8_preparation else None,
             "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)" if executorch else None,
@@ -320,7 +352,7 @@ def _deployment_files(
             report["executorch_vs_pytorch_relative_error"] = _worst_error(deployed[EXECUTORCH_FILE](example_inputs), fused_output)
         log.info("ExecuTorch program (XNNPACK) lowered and run: relative error %.3e vs PyTorch (%.1f s)",
                  report["executorch_vs_pytorch_relative_error"], _since(started))
-        _check(report, "executorch_vs_pytorch_relative_error", tolerance, "the ExecuTorch program's output differs from PyTorch's")
+        _check(report, "executorch_vs_pytorch_relative_error", options.tolerance, "the ExecuTorch program's output differs from PyTorch's")
         if quantize:
             started = time.perf_counter()
             prepared = prepared_for(INT8_WEIGHT_LEVELS["s8s8"]) if int8_preparation else fused  # XNNPACK: int8 weights in [-127, 127]
@@ -602,18 +634,12 @@ def export_task(
     """Export ``model``'s network in inference form, checked on real validation inputs; the options
     are the ``export`` subcommand's flags (``TaskTrainer.export`` passes them on).
 
-    The task module (a ``tasks.common.module.BaseTask``, which has defaults for most of these)
-    provides ``export_network()``, ``export_batches(datamodule, split)`` (batches
-    of preprocessed images of the ``"validate"`` or the ``"fit"`` split, as the exported network
-    takes them), ``export_inputs(datamodule)`` (a batch of those of the validation split),
-    ``export_metadata(datamodule)`` (what a deployment needs: classes, image size,
-    normalization, ...), ``validating_with(network)`` (a context in which validation runs
-    ``network`` instead of the trained model) and ``validation_metric`` (the metric to quote);
-    it may set ``export_dynamic_image_size`` to give the ONNX and ExecuTorch files dynamic height
-    and width, ``export_quantized_modules`` to quantize only those submodules of the exported network,
-    ``export_agreement(fused, trained)`` to measure how often two models' predictions match
-    (default: equal argmax over dim 1) and ``deployment_agreement(deployed, fused)`` to compare
-    a deployed file's predictions (default: ``export_agreement``).
+    ``model`` is a ``tasks.common.module.BaseTask``: every hook called here is declared there, with
+    its default and what it means (``export_network``, ``export_batches``, ``export_inputs``,
+    ``export_metadata``, ``validating_with``, ``validation_metric``, ``export_dynamic_image_size``,
+    ``export_quantized_modules``, ``export_agreement``, ``deployment_agreement``,
+    ``int8_simulation``); they become ``fuse_and_export``'s :class:`ExportContext`, the flags
+    below its :class:`ExportOptions`.
 
     Args:
         model: the task module.
@@ -655,7 +681,7 @@ def export_task(
             ``model.json``; this limits that to the first batches (default: the whole split).
     """
     inputs = model.export_inputs(datamodule)
-    simulation = model.int8_simulation() if int8 and hasattr(model, "int8_simulation") else None
+    simulation = model.int8_simulation() if int8 else None
     if simulation is not None:
         if int8_scheme is not None and int8_scheme != simulation["scheme"]:
             raise ValueError(f"int8_scheme={int8_scheme!r}: this network was trained for INT8 in {simulation['scheme']!r}, "
@@ -677,29 +703,26 @@ def export_task(
         started = time.perf_counter()
         calibration = first_images(model.export_batches(datamodule, "fit"), calibration_images)
         log.info("read %d training images for INT8 calibration (%.1f s)", _count(calibration), _since(started))
+
     def evaluate(network: nn.Module) -> dict[str, float]:
         return validation_metrics(model, datamodule, network, validation_batches)
 
-    result = fuse_and_export(
-        model.export_network(), inputs, output, model.export_metadata(datamodule), onnx, torchscript, tolerance,
-        dynamic_image_size=getattr(model, "export_dynamic_image_size", False),
-        agreement=getattr(model, "export_agreement", None),
-        coreml=coreml,
-        coreml_precision=coreml_precision,
-        coreml_image_input=coreml_image_input,
-        coreml_image_size=coreml_image_size,
-        int8=int8,
-        executorch=executorch,
+    options = ExportOptions(
+        onnx=onnx, torchscript=torchscript, tolerance=tolerance, coreml=coreml, coreml_precision=coreml_precision,
+        coreml_image_input=coreml_image_input, coreml_image_size=coreml_image_size, int8=int8, executorch=executorch,
+        calibration_method=calibration_method, int8_scheme=int8_scheme, int8_preparation=int8_preparation,
+    )
+    context = ExportContext(
+        dynamic_image_size=model.export_dynamic_image_size,
+        agreement=model.export_agreement,
+        deployment_agreement=model.deployment_agreement,
+        quantized_modules=model.export_quantized_modules,
         calibration=calibration,
-        calibration_method=calibration_method,
-        int8_scheme=int8_scheme,
-        int8_preparation=int8_preparation,
+        int8_activations=simulation["activations"] if simulation is not None else None,
         evaluate=evaluate if int8 or executorch else None,
         metric=model.validation_metric,
-        quantized_modules=getattr(model, "export_quantized_modules", None),
-        deployment_agreement=getattr(model, "deployment_agreement", None),
-        int8_activations=simulation["activations"] if simulation is not None else None,
     )
+    result = fuse_and_export(model.export_network(), inputs, output, model.export_metadata(datamodule), options, context)
     lines = [f"exported to {output}:"]
     lines += [f"  {name}: {path}" for name, path in sorted(result["files"].items())]
     lines += [f"  {key}: {value:.3e}" for key, value in result.items() if key.endswith("relative_error")]

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 
 from backbones import calibrate_from_fused_
-from tasks.common.export import same_size_images, split_loader
+from tasks.common.export import argmax_agreement, same_size_images, split_loader
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps
 from tasks.common.sampling import world_size_and_rank
 
@@ -138,7 +138,10 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
       ``export_metadata(datamodule)``, and where the defaults do not fit, ``export_network()``
       (default ``self.model``), ``export_images(batch)`` (default ``batch[0]``),
       ``deployed_model(network)`` (what validation runs for an exported ``network``; default the
-      network itself), ``export_check_images`` and ``int8_simulation()``.
+      network itself), ``export_check_images``, ``export_dynamic_image_size``,
+      ``export_quantized_modules``, ``export_agreement(fused, trained)``,
+      ``deployment_agreement(deployed, fused)`` and ``int8_simulation()`` (each declared below
+      with its default).
 
     The optimizer is SGD with the linear scaling rule (``tasks.common.optim``), stepped per
     optimizer step.
@@ -268,6 +271,20 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     def validating_with(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
         """A context in which validation runs ``network`` (an exported file's runner) instead of ``self.model``."""
         return replaced_submodule(self, "model", self.deployed_model(network))
+
+    export_dynamic_image_size = False  # the ONNX, TorchScript and ExecuTorch files take any height and width
+    export_quantized_modules: tuple[str, ...] | None = None  # INT8 quantizes only these submodules of export_network()
+
+    def export_agreement(self, fused: Any, trained: Any) -> tuple[int, int]:
+        """(predictions matched, predictions compared) between two outputs of the exported network
+        on the same images: the fused and the trained network. Default: equal argmax over dim 1
+        (per image, or per pixel)."""
+        return argmax_agreement(fused, trained)
+
+    def deployment_agreement(self, deployed: Any, fused: Any) -> tuple[int, int]:
+        """As ``export_agreement``, for a deployed file (INT8, ExecuTorch) against the fused float32
+        network; a task whose INT8 outputs move more than float32 rounding matches more loosely."""
+        return self.export_agreement(deployed, fused)
 
     def int8_simulation(self) -> dict[str, Any] | None:
         """For a network trained in its INT8 arithmetic: ``{"scheme": <int8 scheme>, "activations":
