@@ -23,10 +23,13 @@ setup(
         "pycocotools>=2.0.7",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "matplotlib>=3.7", "rich>=13", "import-linter>=2.1"],  # tests: 2 processes; the benchmarks' optional peers and plot; Rich's progress bar (tests/test_cli_output.py); the import contracts (.importlinter, tests/test_architecture.py)
+        # tests: 2 processes; the benchmarks' optional peers and plot; Rich's progress bar (tests/test_cli_output.py);
+        # the import contracts and the linter (.importlinter, ruff.toml: tests/test_architecture.py)
+        "dev": ["pytest>=7", "pytest-xdist>=3", "timm>=1.0", "matplotlib>=3.7", "rich>=13", "import-linter>=2.1", "ruff>=0.6"],
         "bench": ["timm>=1.0", "matplotlib>=3.7"],  # timm's MobileOne as a peer; the latency plot
         "coreml": ["coremltools>=8.0"],  # backbones.export.to_coreml (conversion runs on Linux, prediction does not)
         "executorch": ["executorch>=1.5"],  # backbones.runtimes: ExecuTorch programs (XNNPACK) and PT2E INT8 (brings torchao)
-        "openmmlab": ["mmengine==0.10.7", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy>=6.1", "regex>=2023.6", "setuptools>=77.0.3,<81"],  # + mmcv 2.1.0 from scripts/install_openmmlab.sh; mmengine needs pkg_resources
+        # + mmcv 2.1.0 from scripts/install_openmmlab.sh; mmengine needs pkg_resources
+        "openmmlab": ["mmengine==0.10.7", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy>=6.1", "regex>=2023.6", "setuptools>=77.0.3,<81"],
     },
 )

@@ -1,8 +1,9 @@
 """MobileOne backbone: network, reparameterization, checkpoint I/O and pretrained weights by name. Imports only torch."""
 
 from backbones.atomic import atomic_write_dir, atomic_write_file
-from backbones.export import coreml_op_types, fold_batchnorm_, fuse_for_deployment, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript
 from backbones.checkpoint import CheckpointMismatchError, LoadReport, describe_state_dict, load_checkpoint, read_state_dict
+from backbones.export import coreml_op_types, fold_batchnorm_, fuse_for_deployment, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript
+from backbones.factory import mobileone
 from backbones.hub import (
     WeightsDownloadError,
     WeightsIntegrityError,
@@ -23,7 +24,6 @@ from backbones.network import (
     mark_folded_batchnorms_,
     reparameterize_model,
 )
-from backbones.factory import mobileone
 from backbones.quantization import prepare_for_int8
 
 __all__ = [

@@ -161,5 +161,5 @@ def atomic_write_dir(
     if moved:
         shutil.rmtree(aside, ignore_errors=True)
         if os.path.lexists(aside):
-            warnings.warn(f"the previous {given} was replaced but could not be removed completely: {aside} is left")
+            warnings.warn(f"the previous {given} was replaced but could not be removed completely: {aside} is left", stacklevel=2)
     return given

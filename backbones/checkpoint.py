@@ -159,7 +159,7 @@ def read_state_dict(
     return _read_state_dict(checkpoint, prefix, weights_only)[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_shapes(variant: str, inference_mode: bool) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = MobileOne(**{**variant_config(variant), "inference_mode": inference_mode})

@@ -216,7 +216,7 @@ def download_weights(url: str, sha256: str | None = None, timeout: float = 30.0,
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 reason = f"no answer within {timeout:g} s"
             raise _download_failed(url, path, f"{reason}") from error
-        except (TimeoutError, socket.timeout) as error:
+        except TimeoutError as error:
             raise _download_failed(url, path, f"no answer within {timeout:g} s") from error
         except (OSError, http.client.HTTPException) as error:  # connection reset, bad status line, ...
             raise _download_failed(url, path, f"{type(error).__name__}: {error}") from error
@@ -233,7 +233,7 @@ def download_weights(url: str, sha256: str | None = None, timeout: float = 30.0,
                     while True:
                         try:
                             chunk = response.read1(_CHUNK)  # what has arrived, so a stall is reported with the count
-                        except (socket.timeout, TimeoutError) as error:
+                        except TimeoutError as error:
                             raise _download_failed(
                                 url, path, f"the server sent nothing for {timeout:g} s after {received} bytes"
                             ) from error

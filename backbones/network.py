@@ -27,7 +27,6 @@ __all__ = [
     "SEBlock",
     "calibrate_from_fused_",
     "mark_folded_batchnorms_",
-    "mobileone",
     "reparameterize_model",
 ]
 

@@ -172,7 +172,8 @@ def quantize_onnx(
     ``INT8_SCHEMES``; default ``default_int8_scheme()``, for this CPU): ``"s8s8"`` int8 activations
     and symmetric int8 weights (exact with VNNI, saturates on x86 without it); ``"reduce_range"``
     s8s8 with 7-bit weights (exact on every x86 CPU); ``"u8u8"`` uint8 activations and weights
-    (onnxruntime computes them in float32 between quantize / dequantize nodes: slow). The graph is first run through onnxruntime's pre-processing (graph
+    (onnxruntime computes them in float32 between quantize / dequantize nodes: slow). The graph is
+    first run through onnxruntime's pre-processing (graph
     optimization). With ``modules`` (names of submodules of the model that ``torch.onnx.export``
     exported) only their nodes are quantized; the rest (e.g. a detector's box decoding) stays
     float32; the nodes of ``float_modules`` (dotted submodule names) stay float32 too.

@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| `{row['layer']}` | {row['weights_error']:.3f} | {row['input_error']:.3f} | {ratio} |")
     square = [row["diagonal_ratio"] for row in rows if row["diagonal_ratio"] is not None]
     if square:
-        print(f"\nSquare 1x1 convolutions: median |diagonal| / median |off-diagonal| from {min(square):.1f} to {max(square):.1f} ({len(square)} layers)")
+        print(f"\nSquare 1x1 convolutions: median |diagonal| / median |off-diagonal| from {min(square):.1f} to {max(square):.1f} "
+              f"({len(square)} layers)")
 
     setting = SETTINGS[args.task]
     names = [setting.metric, *setting.extra_metrics]

@@ -226,13 +226,13 @@ def measure(
     for batch in batch_sizes:
         images = torch.randn(batch, 3, 224, 224)
         inputs = {b: _convert(images, b, device) for b in parsed}
-        for (name, backend), run in runs.items():
+        for (_, backend), run in runs.items():
             for _ in range(warmup):
                 run(inputs[backend])
         times: dict[tuple[str, Backend], list[float]] = {key: [] for key in runs}
         for round_index in range(rounds):
             for (name, backend), run in runs.items():
-                times[name, backend].append(time_ms(lambda: run(inputs[backend]), device))
+                times[name, backend].append(time_ms(lambda run=run, x=inputs[backend]: run(x), device))
             if (round_index + 1) % 10 == 0 or round_index + 1 == rounds:
                 _progress(f"batch {batch}: round {round_index + 1}/{rounds}")
         for (name, backend), values in times.items():

@@ -21,7 +21,8 @@ def cpu_model() -> str:
 
 
 def describe_machine(device: str, threads: int | None = None) -> str:
-    """CPU model and core count, the instruction-set flags that decide onnxruntime's int8 kernels, torch threads, GPU (on CUDA), and the versions that matter."""
+    """CPU model and core count, the instruction-set flags that decide onnxruntime's int8 kernels,
+    torch threads, GPU (on CUDA), and the versions that matter."""
     from backbones.runtimes import cpu_flags, int8_cpu
 
     flags = [flag for flag in cpu_flags() if flag in ("AVX2", "AVX512F", "AVX512VNNI", "AVX_VNNI")]

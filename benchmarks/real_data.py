@@ -200,7 +200,8 @@ def run_one(setting: Setting, backbone: str, datasets_root: Path, work_root: Pat
     final = curve[-1]
     print(f"[real_data] {setting.task} / {backbone} / {start}: {setting.metric} {final[setting.metric]:.4f} after "
           f"{final['epoch'] + 1} epochs, {seconds / 60:.1f} min (untrained {untrained[setting.metric]:.4f})", flush=True)
-    return {"task": setting.task, "backbone": backbone, "start": start, "weights": weights, "config": setting.config_for(start), "seed": seed, "epochs": final["epoch"] + 1, "wall_s": round(seconds, 1),
+    return {"task": setting.task, "backbone": backbone, "start": start, "weights": weights, "config": setting.config_for(start),
+            "seed": seed, "epochs": final["epoch"] + 1, "wall_s": round(seconds, 1),
             "final": final, "untrained": untrained, "curve": curve, "predictions": str(output), "inputs": str(inputs)}
 
 

@@ -53,7 +53,8 @@ def mode(path: Path) -> int:
 @pytest.fixture
 def fake_onnx(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ONNX step without the (slow) exporter: bytes that depend on the weights, error 0."""
-    monkeypatch.setattr(export, "_onnx_export", lambda fused, *args: (b"onnx:" + str(float(sum(p.detach().sum() for p in fused.parameters()))).encode(), 0.0))
+    monkeypatch.setattr(export, "_onnx_export",
+                        lambda fused, *args: (b"onnx:" + str(float(sum(p.detach().sum() for p in fused.parameters()))).encode(), 0.0))
 
 
 class _PackageThatFailsToSave:

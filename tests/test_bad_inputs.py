@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from tasks.classification.data import ImageFolderDataModule, make_demo_dataset
 from tasks.classification.module import ImageClassificationTask
 from tasks.common.data import CorruptImageError, PredictImages, read_image
-from tasks.detection.data import COCODetection, CocoAnnotations, InvalidAnnotationError
+from tasks.detection.data import CocoAnnotations, COCODetection, InvalidAnnotationError
 from tasks.segmentation.data import FolderSegmentation
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -323,7 +323,8 @@ def _detection_case(tmp_path: Path):
     from tasks.detection.module import ObjectDetectionTask
 
     root = make_demo_coco(tmp_path / "coco", train_images=6, val_images=3, size=64)
-    bad = [root / "train2017" / sorted(p.name for p in (root / "train2017").iterdir())[1], root / "val2017" / sorted(p.name for p in (root / "val2017").iterdir())[0]]
+    bad = [root / "train2017" / sorted(p.name for p in (root / "train2017").iterdir())[1],
+           root / "val2017" / sorted(p.name for p in (root / "val2017").iterdir())[0]]
 
     def data(**kwargs):
         return COCODetection(root=str(root), image_size=64, batch_size=3, val_batch_size=2, num_workers=2,

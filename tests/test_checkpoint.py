@@ -113,7 +113,8 @@ def apple_forward(variant: str, sd: dict[str, torch.Tensor], x: torch.Tensor) ->
                 out = out + bn(conv, f"{n}.rbr_conv.{i}.bn")
         if layer.se:
             s = F.avg_pool2d(out, kernel_size=list(out.shape[2:]))
-            s = F.conv2d(F.relu(F.conv2d(s, sd[f"{n}.se.reduce.weight"], sd[f"{n}.se.reduce.bias"])), sd[f"{n}.se.expand.weight"], sd[f"{n}.se.expand.bias"])
+            s = F.relu(F.conv2d(s, sd[f"{n}.se.reduce.weight"], sd[f"{n}.se.reduce.bias"]))
+            s = F.conv2d(s, sd[f"{n}.se.expand.weight"], sd[f"{n}.se.expand.bias"])
             out = out * torch.sigmoid(s)
         x = F.relu(out)
     return F.linear(x.mean((2, 3)), sd["linear.weight"], sd["linear.bias"])

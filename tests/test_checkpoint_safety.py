@@ -75,7 +75,8 @@ def test_python_entry_points_refuse_a_crafted_pickle(crafted):
     with pytest.raises(Exception, match="[Ww]eights.only"):  # Lightning's own loader (torch's weights_only default)
         ImageClassificationTask.load_from_checkpoint(path)
     with pytest.raises(Exception, match="[Ww]eights.only"):
-        pl.Trainer(logger=False, max_epochs=1).fit(model, train_dataloaders=[(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))], ckpt_path=path)
+        batches = [(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))]
+        pl.Trainer(logger=False, max_epochs=1).fit(model, train_dataloaders=batches, ckpt_path=path)
     assert not marker.exists()
 
 

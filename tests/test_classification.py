@@ -9,19 +9,18 @@ import lightning.pytorch as pl
 import onnxruntime
 import pytest
 import torch
-
 from conftest import load_config
-from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
+from deployment import needs_executorch, with_data_batchnorm
+
 from backbones import mobileone, reparameterize_model
 from backbones.runtimes import ExecuTorchNetwork
 from backbones.testing import relative_error
-from deployment import needs_executorch, with_data_batchnorm
 from tasks.classification.__main__ import ClassificationCLI, main
 from tasks.classification.data import ImageFolderDataModule, make_demo_dataset
-from tasks.common.data import CorruptImageError
 from tasks.classification.module import ImageClassificationTask
 from tasks.classification.qat import main as qat_main
 from tasks.common.callbacks import CosineWeightDecay, FreezeBatchNormStatistics, ProgressiveResolution
+from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 
 CONFIG = str(Path(__file__).parent / "configs" / "classification.yaml")
 CLASSES = ["circle", "cross", "square", "stripes", "triangle"]

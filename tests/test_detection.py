@@ -10,16 +10,16 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from conftest import load_config
+from deployment import needs_executorch, with_data_batchnorm
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection.image_list import ImageList
 
-from deployment import needs_executorch, with_data_batchnorm
-from conftest import load_config
 from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 from tasks.detection.__main__ import DetectionCLI, main
-from tasks.detection.data import COCODetection, CocoAnnotations, InvalidAnnotationError, collate_lists, make_demo_coco
+from tasks.detection.data import CocoAnnotations, COCODetection, InvalidAnnotationError, collate_lists, make_demo_coco
 from tasks.detection.module import ObjectDetectionTask
 from tasks.detection.ssdlite import ssdlite_mobileone
 
@@ -288,7 +288,8 @@ def test_demo_config_learns(tmp_path, monkeypatch):
 def test_coco_evaluation_counts_repeated_images_once():
     from tasks.detection.coco_eval import CocoEvaluation
 
-    target = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [70.0, 20.0, 90.0, 40.0]]), "labels": torch.tensor([1, 2]), "image_id": torch.tensor(5)}
+    target = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [70.0, 20.0, 90.0, 40.0]]), "labels": torch.tensor([1, 2]),
+              "image_id": torch.tensor(5)}
     prediction = {"boxes": torch.tensor([[12.0, 9.0, 50.0, 58.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])}
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": torch.tensor(6)}
     false_positive = {"boxes": torch.tensor([[0.0, 0.0, 30.0, 30.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}

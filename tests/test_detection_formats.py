@@ -14,7 +14,7 @@ from PIL import Image
 
 from tasks.common.data import read_image
 from tasks.detection.coco_eval import CocoEvaluation
-from tasks.detection.data import COCODetection, CocoAnnotations, CocoImages, InvalidAnnotationError
+from tasks.detection.data import CocoAnnotations, COCODetection, CocoImages, InvalidAnnotationError
 from tasks.detection.formats import read_voc, read_voc_folder, read_yolo, yolo_class_names
 
 DATASETS = Path(os.environ.get("MOBILEONE_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
@@ -317,7 +317,8 @@ def test_data_module_yolo(tmp_path):
 
 
 def test_wrong_layouts_name_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"voc/train does not exist; expected Pascal VOC under .*Annotations/<id>.xml.*train/ and val/ of <name>.jpg \+ <name>.xml pairs"):
+    expected = r"voc/train does not exist; expected Pascal VOC under .*Annotations/<id>.xml.*train/ and val/ of <name>.jpg \+ <name>.xml pairs"
+    with pytest.raises(FileNotFoundError, match=expected):
         COCODetection(root=str(tmp_path / "voc"), format="voc")
     (tmp_path / "voc2007" / "Annotations").mkdir(parents=True)
     (tmp_path / "voc2007" / "JPEGImages").mkdir()

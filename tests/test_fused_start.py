@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_classification import image_root  # noqa: F401  (the task tests' data fixtures)
+from test_detection import coco_root  # noqa: F401
+from test_segmentation import voc_root  # noqa: F401
 from torch import nn
 
 from backbones import calibrate_from_fused_, load_checkpoint, mobileone, reparameterize_model
 from backbones.testing import randomize_batchnorm, relative_error
-from test_classification import image_root  # noqa: F401  (the task tests' data fixtures)
-from test_detection import coco_root  # noqa: F401
-from test_segmentation import voc_root  # noqa: F401
 
 SHARED = Path(os.environ.get("MOBILEONE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 APPLE_S0 = SHARED / "weights" / "mobileone_s0.pth.tar"

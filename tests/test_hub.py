@@ -19,12 +19,12 @@ from backbones import (
     WeightsIntegrityError,
     apple_weights_url,
     download_weights,
+    hub,
     mobileone,
     reparameterize_model,
     resolve_weights,
     weights_cache_dir,
 )
-from backbones import hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FILE = "mobileone_s0_unfused.pth.tar"

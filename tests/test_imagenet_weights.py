@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from test_fused_start import APPLE_S0, IMAGENET_SAMPLE, SHARED, imagenet_batch, require_shared
 from torch import nn
 
 from backbones import calibrate_from_fused_, mark_folded_batchnorms_
@@ -17,7 +18,6 @@ from backbones.testing import randomize_batchnorm, relative_error
 from tasks.classification.__main__ import main
 from tasks.classification.data import ImageFolderDataModule, make_demo_dataset, read_class_list
 from tasks.common.backbones import classifier_network
-from test_fused_start import APPLE_S0, IMAGENET_SAMPLE, SHARED, imagenet_batch, require_shared
 
 CONFIG = str(Path(__file__).parent / "configs" / "classification.yaml")
 MOBILENET_V2 = SHARED / "weights" / "mobilenet_v2_imagenet_dequantized.pth"
@@ -152,7 +152,8 @@ def test_folded_batchnorms_are_found_and_calibrated_keeping_the_function(tmp_pat
     with torch.no_grad():
         expected = reference(images)
         assert relative_error(network.eval()(images), expected) <= 1e-5
-        uncalibrated = relative_error(classifier_network("mobilenet_v2", "s0", 10, str(tmp_path / "folded.pth")).double()(images), expected)  # train mode
+        folded = classifier_network("mobilenet_v2", "s0", 10, str(tmp_path / "folded.pth")).double()
+        uncalibrated = relative_error(folded(images), expected)  # train mode
     assert calibrate_from_fused_(network, [images[:8], images[8:]]) == 52
     assert not any(getattr(m, "from_fused", False) for m in network.modules())
     with torch.no_grad():

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import VARIANT_NAMES
 from torch import nn
 
 from backbones import VARIANTS, MobileOne, MobileOneBlock, mobileone
-from conftest import VARIANT_NAMES
 
 PAPER_PARAMS_M = {"s0": 2.08, "s1": 4.76, "s2": 7.81, "s3": 10.08, "s4": 14.84}
 STAGE_CHANNELS = {

@@ -31,18 +31,18 @@ if os.environ.get("MOBILEONE_REQUIRE_OPENMMLAB") == "1":
 else:
     pytest.importorskip("mmcv", reason="OpenMMLab is not installed (bash scripts/install_openmmlab.sh)")
 
+from mmdet.structures.bbox import bbox_overlaps  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.model import revert_sync_batchnorm  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-from mmdet.structures.bbox import bbox_overlaps  # noqa: E402
+from test_checkpoint import apple_state_dict  # noqa: E402  (Apple's key layout, written independently)
 
 import backbones.openmmlab  # noqa: E402,F401  (registers MobileOne)
 from backbones import VARIANTS, CheckpointMismatchError, MobileOne, mobileone, reparameterize_model  # noqa: E402
 from backbones.network import STAGE_BASE_WIDTHS  # noqa: E402
 from backbones.openmmlab import MobileOneBackbone  # noqa: E402
 from backbones.testing import randomize_batchnorm, relative_error  # noqa: E402
-from test_checkpoint import apple_state_dict  # noqa: E402  (Apple's key layout, written independently)
 
 pytestmark = [
     pytest.mark.openmmlab,
@@ -169,7 +169,7 @@ def make_voc(root: Path, images: int = 4, size: int = 80, seed: int = 0) -> Path
         (voc / sub).mkdir(parents=True, exist_ok=True)
     names = [f"2007_{i:06d}" for i in range(images)]
     for name in names:
-        mask, image = _mask_and_image(rng, size, [int(l) for l in rng.integers(1, 21, 2)], ignore=255)
+        mask, image = _mask_and_image(rng, size, [int(c) for c in rng.integers(1, 21, 2)], ignore=255)
         image.save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
         palette = Image.fromarray(mask, mode="P")
         palette.putpalette(_voc_palette())
@@ -191,7 +191,7 @@ def make_ade20k(root: Path, images: int = 2, size: int = 80, seed: int = 0) -> P
         (ade / "annotations" / split).mkdir(parents=True, exist_ok=True)
         for index in range(images):
             name = f"ADE_{split[:5]}_{index:08d}"
-            mask, image = _mask_and_image(rng, size, [int(l) for l in rng.integers(1, 151, 2)], ignore=None)
+            mask, image = _mask_and_image(rng, size, [int(c) for c in rng.integers(1, 151, 2)], ignore=None)
             image.save(ade / "images" / split / f"{name}.jpg", quality=95)
             Image.fromarray(mask, mode="L").save(ade / "annotations" / split / f"{name}.png")
     return ade

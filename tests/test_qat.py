@@ -10,6 +10,8 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from test_fused_start import APPLE_S0, IMAGENET_SAMPLE, imagenet_batch, require_shared
+from test_runtimes import settled_s0
 
 from backbones.export import to_onnx_bytes
 from backbones.quantization import (
@@ -25,8 +27,6 @@ from backbones.runtimes import INT8_WEIGHT_LEVELS, OnnxRuntimeNetwork, quantize_
 from backbones.testing import relative_error
 from tasks.classification.data import make_demo_dataset
 from tasks.classification.qat import QuantizationAwareDistillation, main
-from test_fused_start import APPLE_S0, IMAGENET_SAMPLE, imagenet_batch, require_shared
-from test_runtimes import settled_s0
 
 CONFIG = str(Path(__file__).parent / "configs" / "classification.yaml")
 # reduce_range: 7-bit weights, which onnxruntime computes exactly on x86 CPUs with and without VNNI
@@ -50,7 +50,8 @@ def test_the_simulation_removed_is_the_network_post_training_quantization_prepar
         prepared = prepare_for_int8(fused, calibration, INT8_WEIGHT_LEVELS[SCHEME])
         # float32 rounding in another order (amplified to ~1e-5 by a random network), where the preparation
         # itself (bias correction) moves the output by ~0.25
-        assert relative_error(remove_int8_simulation(simulated)(images), prepared(images)) < 1e-4 < 0.1 < relative_error(prepared(images), fused(images))
+        removed, prepared_output = remove_int8_simulation(simulated)(images), prepared(images)
+        assert relative_error(removed, prepared_output) < 1e-4 < 0.1 < relative_error(prepared_output, fused(images))
         assert relative_error(simulated(images), fused(images)) > 1e-3, "calibrated, it rounds"
 
 
@@ -78,7 +79,7 @@ def test_the_int8_file_computes_what_the_simulation_computes(calibrated):
     in_file = sorted((float(initializers[s]), int(initializers[z])) for s, z in activations)
     assert in_file == sorted((site["scale"], site["zero_point"]) for site in sites)  # float32 values, equal exactly
     # the weights the file holds are the simulation's, rounded as it rounds them
-    for name, layer in plain.named_modules():
+    for name, _ in plain.named_modules():
         if name in ("stage1.0.reparam_conv", "stage3.5.reparam_conv", "linear"):
             stored = initializers[f"{name}.weight_quantized"].astype(np.float64)
             step = initializers[f"{name}.weight_scale"].astype(np.float64).reshape((-1,) + (1,) * (stored.ndim - 1))

@@ -6,6 +6,8 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from test_fused_start import APPLE_S0, IMAGENET_SAMPLE, require_shared
+from test_runtimes import settled_s0
 from torch import nn
 
 from backbones import load_checkpoint, mobileone
@@ -19,8 +21,6 @@ from backbones.quantization import (
 )
 from backbones.runtimes import INT8_CPU_VARIABLE, INT8_WEIGHT_LEVELS, OnnxRuntimeNetwork, default_int8_scheme, quantize_onnx
 from backbones.testing import relative_error
-from test_fused_start import APPLE_S0, IMAGENET_SAMPLE, require_shared
-from test_runtimes import settled_s0
 
 
 def channel_maxima(model: nn.Module, conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:

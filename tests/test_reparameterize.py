@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from conftest import VARIANT_NAMES
 from torch import nn
 
 from backbones import MobileOne, MobileOneBlock, mobileone, reparameterize_model
 from backbones.testing import randomize_batchnorm, relative_error
-from conftest import VARIANT_NAMES
 
 
 def fused_layers(model: nn.Module) -> list[MobileOneBlock]:

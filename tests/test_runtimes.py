@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from deployment import needs_executorch
 from torch import nn
 
 from backbones import mobileone
@@ -20,7 +21,6 @@ from backbones.runtimes import (
     to_executorch,
 )
 from backbones.testing import relative_error
-from deployment import needs_executorch
 
 
 def settled_s0(size: int = 64, **kwargs) -> nn.Module:

@@ -9,15 +9,14 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import load_config
+from deployment import needs_executorch, with_data_batchnorm
 from PIL import Image
 from torchvision import tv_tensors
 
-from conftest import load_config
-from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
-from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork
+from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, cpu_flags, default_int8_scheme, int8_cpu
 from backbones.testing import relative_error
-from backbones.runtimes import cpu_flags, default_int8_scheme, int8_cpu
-from deployment import needs_executorch, with_data_batchnorm
+from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 from tasks.segmentation.__main__ import main
 from tasks.segmentation.data import (
     ADE20K,

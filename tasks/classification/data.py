@@ -18,10 +18,10 @@ from torchvision.transforms import v2
 
 from backbones.atomic import atomic_write_dir
 from tasks.common.data import (
-    BaseDataModule,
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    BaseDataModule,
     ImageFiles,
     PredictImages,
     collate_predict_batch,
@@ -50,7 +50,8 @@ def read_class_list(source: str | os.PathLike) -> tuple[list[str], list[str]]:
         folder, _, name = line.partition("\t")
         folder = folder.strip()
         if folder in folders:
-            raise ValueError(f"{path}, line {number}: class {folder!r} is listed twice (first on line {folders.index(folder) + 1} of the non-blank lines)")
+            raise ValueError(f"{path}, line {number}: class {folder!r} is listed twice "
+                             f"(first on line {folders.index(folder) + 1} of the non-blank lines)")
         folders.append(folder)
         names.append(name.strip() or folder)
     if not folders:
@@ -283,7 +284,7 @@ class ImageFolderDataModule(BaseDataModule):
         if empty:
             warnings.warn(
                 f"{split_dir}: {_count_and_first(empty, 'class')} without image files "
-                f"({', '.join(IMAGE_EXTENSIONS)}): those classes are not evaluated"
+                f"({', '.join(IMAGE_EXTENSIONS)}): those classes are not evaluated", stacklevel=2
             )
         return samples
 

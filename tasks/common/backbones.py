@@ -33,7 +33,16 @@ import torch
 import torchvision
 from torch import nn
 
-from backbones import FeatureInfo, WeightsDownloadError, is_apple_weights, load_checkpoint, mark_folded_batchnorms_, mobileone, read_state_dict, resolve_weights
+from backbones import (
+    FeatureInfo,
+    WeightsDownloadError,
+    is_apple_weights,
+    load_checkpoint,
+    mark_folded_batchnorms_,
+    mobileone,
+    read_state_dict,
+    resolve_weights,
+)
 
 __all__ = ["BACKBONES", "BASELINE_BACKBONES", "Backbone", "TorchvisionFeatures", "backbone_name", "classifier_network",
            "feature_extractor", "get_backbone", "register_backbone", "resolve_backbone_weights"]

@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl

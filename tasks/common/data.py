@@ -183,7 +183,7 @@ class ImageFiles(Dataset):
             if self.skipped is None:
                 raise
             self.skipped.add(path)
-            warnings.warn(f"skipped 1 unreadable image (skip_corrupt; the total follows at the end of the epoch): {error}")
+            warnings.warn(f"skipped 1 unreadable image (skip_corrupt; the total follows at the end of the epoch): {error}", stacklevel=2)
             return None
 
 
@@ -351,7 +351,7 @@ class BaseDataModule(pl.LightningDataModule):
             rank = f" on process {trainer.global_rank} of {trainer.world_size}" if trainer is not None and trainer.world_size > 1 else ""
             more = f" and {count - len(paths)} more" if count > len(paths) else ""
             warnings.warn(
-                f"{images.source}: skip_corrupt skipped {count} unreadable image(s) {when}{rank}: {', '.join(paths)}{more}"
+                f"{images.source}: skip_corrupt skipped {count} unreadable image(s) {when}{rank}: {', '.join(paths)}{more}", stacklevel=2
             )
 
     def teardown(self, stage: str) -> None:

@@ -21,7 +21,15 @@ from torch import nn
 
 from backbones.atomic import atomic_write_dir, check_replaceable
 from backbones.export import (
-    coreml_op_types, first_non_finite, fuse_for_deployment, is_finite, output_tensors, relative_error, save_mlpackage, to_coreml, to_onnx_bytes,
+    coreml_op_types,
+    first_non_finite,
+    fuse_for_deployment,
+    is_finite,
+    output_tensors,
+    relative_error,
+    save_mlpackage,
+    to_coreml,
+    to_onnx_bytes,
     to_torchscript,
 )
 from backbones.quantization import prepare_for_int8
@@ -172,7 +180,8 @@ def fuse_and_export(
     Deployment files run on this machine (``backbones.runtimes``): ``int8`` adds ``model.int8.onnx``
     (onnxruntime static QDQ quantization calibrated on ``calibration``, batches of real training
     inputs, in ``int8_scheme``, default the one exact on this CPU: ``default_int8_scheme()``; the
-    report's ``int8_calibration`` names it with the CPU's kind and flags); ``executorch`` adds ``model.pte`` (ExecuTorch, XNNPACK delegate, float32, checked
+    report's ``int8_calibration`` names it with the CPU's kind and flags); ``executorch`` adds
+    ``model.pte`` (ExecuTorch, XNNPACK delegate, float32, checked
     against ``tolerance`` like ONNX) and with ``int8`` also ``model.int8.pte`` (PT2E quantization
     with the XNNPACK quantizer, same calibration). With ``int8_preparation`` both INT8 files are
     made from ``backbones.quantization.prepare_for_int8``'s copy of the fused network (the same

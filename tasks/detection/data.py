@@ -203,7 +203,7 @@ class CocoAnnotations:
         if problems:
             counts = ", ".join(f"{kind}: {count}" for kind, count in sorted(problems.items()))
             hint = "" if strict else "; pass strict=True to raise instead"
-            warnings.warn(f"{self.source}: fixed or dropped bad annotations ({counts}){hint}")
+            warnings.warn(f"{self.source}: fixed or dropped bad annotations ({counts}){hint}", stacklevel=2)
         self.problems = dict(problems)
         kept = [a for image in self.images.values() for a in image["annotations"]]
         self.counts = {

@@ -283,7 +283,7 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
             keep = item["scores"] >= self.score_threshold
             with Image.open(item["path"]) as original:
                 image = torch.from_numpy(np.asarray(original.convert("RGB")).copy()).permute(2, 0, 1)
-            labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(item["labels"][keep], item["scores"][keep])]
+            labels = [f"{names[int(label)]} {s:.2f}" for label, s in zip(item["labels"][keep], item["scores"][keep])]
             drawn = draw_bounding_boxes(image, item["boxes"][keep], labels=labels, colors="red", width=2)
             buffer = io.BytesIO()
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=92)

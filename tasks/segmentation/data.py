@@ -18,9 +18,9 @@ from torchvision.transforms import v2
 
 from backbones.atomic import atomic_write_dir
 from tasks.common.data import (
-    BaseDataModule,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    BaseDataModule,
     CorruptImageError,
     ImageFiles,
     PredictImages,
