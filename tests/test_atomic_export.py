@@ -120,11 +120,10 @@ def test_killed_reexport_leaves_the_earlier_export_and_at_most_a_hidden_scratch_
 
 def test_reexport_replaces_the_folder_completely(tmp_path, fake_onnx):
     """No file of the first export survives a successful second one (its ``model.onnx`` when the
-    second has none), nor a temporary file an interrupted older version left there."""
+    second has none)."""
     out = tmp_path / "exported"
     export.fuse_and_export(network(1), EXAMPLE, out, {"run": 1}, export.ExportOptions(onnx=True))
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model_fused.pt"]
-    (out / ".model.onnx.k2x9_a.tmp").write_bytes(b"left by a killed file-by-file export")
     first_weights = (out / "model_fused.pt").read_bytes()
 
     result = export.fuse_and_export(network(2), EXAMPLE, out, {"run": 2}, export.ExportOptions(onnx=False))

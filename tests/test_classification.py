@@ -60,17 +60,6 @@ def test_fit_writes_checkpoint_with_classes(trained):
     assert checkpoint["state_dict"]["model.linear.weight"].shape == (5, 1024)
 
 
-def test_checkpoint_of_the_classifier_under_its_former_name_loads(trained, tmp_path):
-    """Checkpoints written before the classifier was named ``model`` hold ``network.*`` keys."""
-    checkpoint = torch.load(last_checkpoint(trained), map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = {key.replace("model.", "network.", 1): value for key, value in checkpoint["state_dict"].items()}
-    torch.save(checkpoint, tmp_path / "former.ckpt")
-    task = ImageClassificationTask.load_from_checkpoint(tmp_path / "former.ckpt", map_location="cpu")
-    assert torch.equal(task.model.linear.weight, checkpoint["state_dict"]["network.linear.weight"])
-    with pytest.warns(DeprecationWarning, match=r"\.network is now called \.model"):
-        assert task.network is task.model
-
-
 def test_resume_with_ckpt_path_last(image_root, tmp_path):
     run("fit", image_root, tmp_path)
     run("fit", image_root, tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,17 +75,10 @@ class ImageClassificationTask(BaseTask):
         super().__init__()
         self.save_hyperparameters()
         self.model: nn.Module = classifier_network(backbone, variant, num_classes, weights, backbone_kwargs)
-        self.register_load_state_dict_pre_hook(_keys_of_network_as_model)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         # top-5 accuracy only where it can be below 1 (more than 5 classes)
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
         self.val_loss = MeanMetric()
-
-    @property
-    def network(self) -> nn.Module:
-        """The classifier's former name; use ``model``."""
-        warnings.warn("ImageClassificationTask.network is now called .model", DeprecationWarning, stacklevel=2)
-        return self.model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.uses_channels_last:
@@ -147,13 +139,6 @@ class ImageClassificationTask(BaseTask):
             "input": "images: float32 (N, 3, H, W), RGB scaled to [0, 1], then (x - mean) / std",
             "output": "logits: float32 (N, num_classes)",
         }
-
-
-def _keys_of_network_as_model(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Checkpoints written before the classifier was named ``model`` hold it under ``network.``."""
-    old = prefix + "network."
-    for key in [key for key in state_dict if key.startswith(old)]:
-        state_dict[prefix + "model." + key[len(old):]] = state_dict.pop(key)
 
 
 class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):

@@ -112,9 +112,8 @@ class ExportContext:
 
 
 def is_export_file(name: str) -> bool:
-    """Whether ``name`` (an entry of an export folder) is one an export writes, or a temporary file
-    an interrupted export of an earlier version (which wrote file by file) left behind."""
-    return name in EXPORT_FILES or any(name.startswith(f".{known}.") and name.endswith(".tmp") for known in EXPORT_FILES)
+    """Whether ``name`` (an entry of an export folder) is one an export writes."""
+    return name in EXPORT_FILES
 
 
 def refuse_non_finite(network: nn.Module, inputs: torch.Tensor, output: Any, what: str) -> None:
