@@ -69,6 +69,12 @@ def test_classification_cli_names_what_it_writes(tmp_path, repository_root_uncha
     output = run_cli("classification", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt")
     assert (tmp_path / "outputs" / "classification" / "exported" / "model.onnx").is_file()  # the default place
     assert re.search(r"fused_vs_unfused_agreement: 1\.000000 \(\d+ predictions\)|agreement not measured", output)
+    # a run's output folder (as every shipped config sets it) holds its predictions and exports too
+    run_cli("classification", tmp_path, "predict", *common, "--ckpt_path=run/checkpoints/last.ckpt", "--trainer.default_root_dir=run",
+            f"--data.predict_dir={data / 'val'}")
+    run_cli("classification", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt", "--trainer.default_root_dir=run",
+            "--onnx=false")
+    assert (tmp_path / "run" / "predictions.csv").is_file() and (tmp_path / "run" / "exported" / "model.json").is_file()
 
 
 def test_detection_cli_names_what_it_writes(tmp_path, repository_root_unchanged):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,10 +147,11 @@ class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):
 
     Args:
         output: the CSV file (``path``, then ``index1, class1, probability1`` ... per image: the class
-            index, its name from the model's ``class_names``, its probability), replaced if it exists.
+            index, its name from the model's ``class_names``, its probability), replaced if it exists;
+            default ``predictions.csv`` under ``trainer.default_root_dir``.
     """
 
-    def __init__(self, output: str = "outputs/classification/predictions.csv") -> None:
+    def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output = output
 
@@ -167,5 +169,6 @@ class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):
                 for row in rows:
                     writer.writerow([row["path"]] + [v for index, name, p in row["top5"] for v in (index, name, f"{p:.6f}")])
 
-        atomic_write_file(self.output, write)
-        log.info("wrote top-%d predictions for %d images to %s", k, len(rows), self.output)
+        output = self.output or os.path.join(trainer.default_root_dir, "predictions.csv")
+        atomic_write_file(output, write)
+        log.info("wrote top-%d predictions for %d images to %s", k, len(rows), output)

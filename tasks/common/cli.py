@@ -124,14 +124,15 @@ class TaskTrainer(pl.Trainer):
             ckpt_path: a training checkpoint; with the EMA callback its ``state_dict`` holds the
                 averaged weights, which are the ones exported.
             output: directory for ``model_fused.pt``, ``model.json``, ``model.onnx`` (default:
-                ``outputs/<task>/exported``, e.g. ``outputs/detection/exported``), replaced as a whole.
+                ``exported/`` under ``trainer.default_root_dir``, the run's one output folder;
+                ``outputs/<task>/exported`` without one), replaced as a whole.
             **options: ``tasks.common.export.export_task``'s options (``onnx``, ``int8``, ...), the
                 subcommand's other flags.
         """
         if ckpt_path is not None:
             model.load_state_dict(read_task_checkpoint(ckpt_path, type(model))["state_dict"])
         if output is None:
-            output = os.path.join("outputs", _task_folder(type(model)), "exported")
+            output = os.path.join(self.default_root_dir, "exported")
         return export_task(model, datamodule, output, **options)
 
 

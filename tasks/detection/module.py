@@ -259,16 +259,18 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
     category id, bbox x y w h, score) and images with the boxes drawn (``<stem>.jpg``) into ``output_dir``.
 
     Args:
-        output_dir: folder for ``detections.json`` and the drawings (created; files of the same name replaced).
+        output_dir: folder for ``detections.json`` and the drawings (created; files of the same name
+            replaced); default ``predictions/`` under ``trainer.default_root_dir``.
         score_threshold: smallest score of a box drawn (``detections.json`` holds every detection kept).
     """
 
-    def __init__(self, output_dir: str = "outputs/detection/predictions", score_threshold: float = 0.3) -> None:
+    def __init__(self, output_dir: str | None = None, score_threshold: float = 0.3) -> None:
         super().__init__(write_interval="epoch")
         self.output_dir = output_dir
         self.score_threshold = score_threshold
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        folder = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
         label_to_category = trainer.datamodule.label_to_category() if trainer.datamodule is not None else {}
         names = ["background", *(pl_module.hparams.class_names or [])]
         results = []
@@ -288,13 +290,13 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
             buffer = io.BytesIO()
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=92)
             stem = Path(item["path"]).stem
-            atomic_write_file(Path(self.output_dir) / f"{stem}.jpg", lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
+            atomic_write_file(folder / f"{stem}.jpg", lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
         # each process drew its own images; the results of all go into one file, written by rank 0
         gathered = gather_on_rank_zero([(sum(len(batch) for batch in predictions), results)])
         if gathered is None:
             return
         results = [result for _, part in gathered for result in part]
         content = json.dumps(results)
-        atomic_write_file(Path(self.output_dir) / "detections.json", lambda p: Path(p).write_text(content))
+        atomic_write_file(folder / "detections.json", lambda p: Path(p).write_text(content))
         log.info("wrote %d detections for %d images to %s (detections.json, drawn <stem>.jpg)",
-                 len(results), sum(images for images, _ in gathered), self.output_dir)
+                 len(results), sum(images for images, _ in gathered), folder)

@@ -184,23 +184,26 @@ class MaskWriter(pl.callbacks.BasePredictionWriter):
     (``<stem>_overlay.jpg``) into ``output_dir``.
 
     Args:
-        output_dir: folder for the masks and overlays (created; files of the same name replaced).
+        output_dir: folder for the masks and overlays (created; files of the same name replaced);
+            default ``predictions/`` under ``trainer.default_root_dir``.
         alpha: opacity of the class colours in the overlays.
     """
 
-    def __init__(self, output_dir: str = "outputs/segmentation/predictions", alpha: float = 0.5) -> None:
+    def __init__(self, output_dir: str | None = None, alpha: float = 0.5) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.alpha = alpha
         self.written = 0
+        self.folder = Path(output_dir) if output_dir is not None else None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.written = 0
+        self.folder = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         counts = gather_on_rank_zero([self.written])  # every process writes its own images
         if counts is not None:
-            log.info("wrote %d masks (<stem>.png) and overlays (<stem>_overlay.jpg) to %s", sum(counts), self.output_dir)
+            log.info("wrote %d masks (<stem>.png) and overlays (<stem>_overlay.jpg) to %s", sum(counts), self.folder)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         palette = voc_palette()
@@ -217,5 +220,5 @@ class MaskWriter(pl.callbacks.BasePredictionWriter):
             for name, picture, kind in ((f"{stem}.png", mask, "PNG"), (f"{stem}_overlay.jpg", overlay, "JPEG")):
                 buffer = io.BytesIO()
                 picture.save(buffer, format=kind)
-                atomic_write_file(Path(self.output_dir) / name, lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
+                atomic_write_file(self.folder / name, lambda p, data=buffer.getvalue(): Path(p).write_bytes(data))
             self.written += 1
