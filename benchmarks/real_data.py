@@ -192,8 +192,8 @@ def run_one(setting: Setting, backbone: str, datasets_root: Path, work_root: Pat
     output = work / "predictions"
     writer = {
         "classification": ["--predictions.output", str(output / "predictions.csv")],
-        "detection": ["--predictions.output_dir", str(output), f"--predictions.score_threshold={DRAWN_SCORE}"],
-        "segmentation": ["--predictions.output_dir", str(output)],
+        "detection": ["--predictions.output", str(output), f"--predictions.score_threshold={DRAWN_SCORE}"],
+        "segmentation": ["--predictions.output", str(output)],
     }[setting.task]
     _run([*task, "predict", *common, f"--ckpt_path={checkpoint}", f"{setting.data_prefix}.predict_dir={inputs}",
           "--trainer.logger=false", *writer], work / "predict.log")

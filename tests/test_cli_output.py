@@ -82,7 +82,7 @@ def test_detection_cli_names_what_it_writes(tmp_path, repository_root_unchanged)
     common = ["--config", str(CONFIGS / "detection.yaml"), f"--data.root={data}"]
     run_cli("detection", tmp_path, "fit", *common, "--trainer.default_root_dir=run")
     run_cli("detection", tmp_path, "predict", *common, "--ckpt_path=run/checkpoints/last.ckpt",
-            f"--data.predict_dir={data / 'val2017'}", "--predictions.output_dir=detections")
+            f"--data.predict_dir={data / 'val2017'}", "--predictions.output=detections")
     assert (tmp_path / "detections" / "detections.json").is_file()
     # a detector trained for 2 steps is ill-conditioned: float32 fusing moves it by ~5e-4 (see test_detection)
     run_cli("detection", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt", "--output=exported",
@@ -94,7 +94,7 @@ def test_segmentation_cli_names_what_it_writes(tmp_path, repository_root_unchang
     common = ["--config", str(CONFIGS / "segmentation.yaml"), f"--data.init_args.root={data}"]
     run_cli("segmentation", tmp_path, "fit", *common, "--trainer.default_root_dir=run")
     run_cli("segmentation", tmp_path, "predict", *common, "--ckpt_path=run/checkpoints/last.ckpt",
-            f"--data.init_args.predict_dir={data / 'VOC2012' / 'JPEGImages'}", "--predictions.output_dir=masks")
+            f"--data.init_args.predict_dir={data / 'VOC2012' / 'JPEGImages'}", "--predictions.output=masks")
     assert any((tmp_path / "masks").glob("*_overlay.jpg"))
     run_cli("segmentation", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt", "--output=exported")
 

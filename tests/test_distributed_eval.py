@@ -59,7 +59,7 @@ def predict_detections(workdir: Path, devices: int, root: Path) -> tuple[list[di
     strategy = ["--trainer.strategy=ddp"] if devices > 1 else []
     command = [sys.executable, "-m", "tasks.detection", "predict", "--config", str(CONFIGS / "detection.yaml"),
                f"--data.root={root}", f"--data.predict_dir={root / 'val2017'}", f"--trainer.devices={devices}", *strategy,
-               f"--predictions.output_dir={workdir}"]
+               f"--predictions.output={workdir}"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}"
     return json.loads((workdir / "detections.json").read_text()), result.stderr

@@ -71,7 +71,7 @@ def test_predict_writes_masks_and_overlays(voc_root, trained, tmp_path):
     images = voc_root / "VOC2012" / "JPEGImages"
     out = tmp_path / "predictions"
     run("predict", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={trained}",
-        f"--data.init_args.predict_dir={images}", f"--predictions.output_dir={out}")
+        f"--data.init_args.predict_dir={images}", f"--predictions.output={out}")
     stems = sorted(p.stem for p in images.glob("*.jpg"))
     assert sorted(p.stem for p in out.glob("*.png")) == stems
     assert sorted(p.name for p in out.glob("*_overlay.jpg")) == [f"{s}_overlay.jpg" for s in stems]
@@ -214,7 +214,7 @@ def test_folder_root_logs_per_class_iou_and_predicts_at_full_size(tmp_path):
     (checkpoint,) = tmp_path.glob("**/last.ckpt")
     out = tmp_path / "predictions"
     main(["predict", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), *data, f"--ckpt_path={checkpoint}",
-          f"--data.init_args.predict_dir={root / 'val' / 'images'}", f"--predictions.output_dir={out}"])
+          f"--data.init_args.predict_dir={root / 'val' / 'images'}", f"--predictions.output={out}"])
     with Image.open(out / "val0.png") as mask:
         assert mask.size == (80, 60), "masks of downscaled evaluation come back at the image's size"
     assert (out / "val0_overlay.jpg").is_file()

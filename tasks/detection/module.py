@@ -56,7 +56,7 @@ class ObjectDetectionTask(BaseTask):
 
     def __init__(
         self,
-        variant: str = "s2",
+        variant: str = "s0",
         backbone: str = "mobileone",
         num_classes: int = 81,
         class_names: list[str] | None = None,
@@ -256,21 +256,21 @@ class DeployedDetector(nn.Module):
 
 class DetectionWriter(pl.callbacks.BasePredictionWriter):
     """Write ``predict``'s detections as a COCO-style results json (``detections.json``: file name,
-    category id, bbox x y w h, score) and images with the boxes drawn (``<stem>.jpg``) into ``output_dir``.
+    category id, bbox x y w h, score) and images with the boxes drawn (``<stem>.jpg``) into ``output``.
 
     Args:
-        output_dir: folder for ``detections.json`` and the drawings (created; files of the same name
+        output: folder for ``detections.json`` and the drawings (created; files of the same name
             replaced); default ``predictions/`` under ``trainer.default_root_dir``.
         score_threshold: smallest score of a box drawn (``detections.json`` holds every detection kept).
     """
 
-    def __init__(self, output_dir: str | None = None, score_threshold: float = 0.3) -> None:
+    def __init__(self, output: str | None = None, score_threshold: float = 0.3) -> None:
         super().__init__(write_interval="epoch")
-        self.output_dir = output_dir
+        self.output = output
         self.score_threshold = score_threshold
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        folder = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
+        folder = Path(self.output or Path(trainer.default_root_dir) / "predictions")
         label_to_category = trainer.datamodule.label_to_category() if trainer.datamodule is not None else {}
         names = ["background", *(pl_module.hparams.class_names or [])]
         results = []

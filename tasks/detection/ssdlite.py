@@ -28,7 +28,7 @@ __all__ = [
     "ssdlite_mobileone",
 ]
 
-# mmdetection's SSDLite anchors at 320x320 (its ssdlite_mobilenetv2 config; README, Detection): per level stride, min and max size; ratios {2, 3}.
+# mmdetection's SSDLite anchors at 320x320 (its ssdlite_mobilenetv2 config; docs/detection.md): per level stride, min and max size; ratios {2, 3}.
 ANCHOR_STRIDES = (16, 32, 64, 107, 160, 320)
 ANCHOR_MIN_SIZES = (48, 100, 150, 202, 253, 304)
 ANCHOR_MAX_SIZES = (100, 150, 202, 253, 304, 320)
@@ -94,7 +94,7 @@ def anchor_generator(image_size: int = 320) -> DefaultBoxGenerator:
 
 
 def ssdlite_mobileone(
-    variant: str = "s2",
+    variant: str = "s0",
     num_classes: int = 81,
     image_size: int = 320,
     backbone_weights: str | None = None,
@@ -142,7 +142,7 @@ class SSDRawOutputs(nn.Module):
     """The deployable network: a normalized ``image_size`` x ``image_size`` batch -> decoded boxes
     (N, A, 4; x1 y1 x2 y2 in input pixels) and class probabilities (N, A, num_classes; softmax,
     column 0 = background). Post-processing (score threshold, per-class NMS, top-k, rescaling to
-    the original image) is left to the deployment, as documented in the README."""
+    the original image) is left to the deployment, as docs/detection.md documents."""
 
     def __init__(self, model: SSD, image_size: int) -> None:
         super().__init__()

@@ -41,7 +41,7 @@ class DeepLabV3(nn.Module):
 
     def __init__(
         self,
-        variant: str = "s4",
+        variant: str = "s0",
         num_classes: int = 21,
         output_stride: int = 8,
         aspp_channels: int = 256,

@@ -67,7 +67,7 @@ class SemanticSegmentationTask(BaseTask):
 
     def __init__(
         self,
-        variant: str = "s4",
+        variant: str = "s0",
         backbone: str = "mobileone",
         num_classes: int = 21,
         class_names: list[str] | None = None,
@@ -181,24 +181,24 @@ class SemanticSegmentationTask(BaseTask):
 
 class MaskWriter(pl.callbacks.BasePredictionWriter):
     """Write ``predict``'s label masks as palette PNGs (``<stem>.png``) and colour overlays
-    (``<stem>_overlay.jpg``) into ``output_dir``.
+    (``<stem>_overlay.jpg``) into ``output``.
 
     Args:
-        output_dir: folder for the masks and overlays (created; files of the same name replaced);
+        output: folder for the masks and overlays (created; files of the same name replaced);
             default ``predictions/`` under ``trainer.default_root_dir``.
         alpha: opacity of the class colours in the overlays.
     """
 
-    def __init__(self, output_dir: str | None = None, alpha: float = 0.5) -> None:
+    def __init__(self, output: str | None = None, alpha: float = 0.5) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = output_dir
+        self.output = output
         self.alpha = alpha
         self.written = 0
-        self.folder = Path(output_dir) if output_dir is not None else None
+        self.folder = Path(output) if output is not None else None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.written = 0
-        self.folder = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
+        self.folder = Path(self.output or Path(trainer.default_root_dir) / "predictions")
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         counts = gather_on_rank_zero([self.written])  # every process writes its own images
