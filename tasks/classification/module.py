@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from backbones.atomic import atomic_write_file
 from tasks.common.backbones import backbone_name, classifier_network, get_backbone
+from tasks.common.callbacks import run_output
 from tasks.common.module import BaseTask
 from tasks.common.optim import warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
@@ -169,6 +169,6 @@ class TopKPredictionWriter(pl.callbacks.BasePredictionWriter):
                 for row in rows:
                     writer.writerow([row["path"]] + [v for index, name, p in row["top5"] for v in (index, name, f"{p:.6f}")])
 
-        output = self.output or os.path.join(trainer.default_root_dir, "predictions.csv")
+        output = run_output(trainer, self.output, "predictions.csv")
         atomic_write_file(output, write)
         log.info("wrote top-%d predictions for %d images to %s", k, len(rows), output)

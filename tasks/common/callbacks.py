@@ -23,6 +23,12 @@ __all__ = ["CosineWeightDecay", "ExportOnFitEnd", "FreezeBatchNormStatistics", "
 EXPORT_OPTIONS = tuple(name for name, p in inspect.signature(export_task).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
 
+def run_output(trainer: pl.Trainer, given: str | None, name: str) -> str:
+    """Where a run writes an output: ``given``, else ``name`` under ``trainer.default_root_dir``, the
+    run's one folder (its logs and checkpoints, predictions, exports)."""
+    return given if given is not None else os.path.join(trainer.default_root_dir, name)
+
+
 class TaskCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` always holds the latest state.
 
@@ -234,5 +240,4 @@ class ExportOnFitEnd(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.interrupted:
-            output = self.output if self.output is not None else os.path.join(trainer.default_root_dir, "exported")
-            export_task(pl_module, trainer.datamodule, output, **self.options)
+            export_task(pl_module, trainer.datamodule, run_output(trainer, self.output, "exported"), **self.options)

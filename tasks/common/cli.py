@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from tqdm import tqdm
 
 from backbones import is_named_weights
-from tasks.common.callbacks import TaskCheckpoint
+from tasks.common.callbacks import TaskCheckpoint, run_output
 from tasks.common.export import export_task
 from tasks.common.module import task_name
 
@@ -131,9 +131,7 @@ class TaskTrainer(pl.Trainer):
         """
         if ckpt_path is not None:
             model.load_state_dict(read_task_checkpoint(ckpt_path, type(model))["state_dict"])
-        if output is None:
-            output = os.path.join(self.default_root_dir, "exported")
-        return export_task(model, datamodule, output, **options)
+        return export_task(model, datamodule, run_output(self, output, "exported"), **options)
 
 
 class _ProgressBarSafeHandler(logging.StreamHandler):

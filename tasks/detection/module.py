@@ -20,6 +20,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from backbones.atomic import atomic_write_file
 from tasks.common.backbones import backbone_name
+from tasks.common.callbacks import run_output
 from tasks.common.module import BaseTask
 from tasks.common.optim import warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
@@ -270,7 +271,7 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
         self.score_threshold = score_threshold
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        folder = Path(self.output or Path(trainer.default_root_dir) / "predictions")
+        folder = Path(run_output(trainer, self.output, "predictions"))
         label_to_category = trainer.datamodule.label_to_category() if trainer.datamodule is not None else {}
         names = ["background", *(pl_module.hparams.class_names or [])]
         results = []

@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from backbones.atomic import atomic_write_file
 from tasks.common.backbones import backbone_name
+from tasks.common.callbacks import run_output
 from tasks.common.module import BaseTask
 from tasks.common.optim import parameter_groups, warmup_poly
 from tasks.common.sampling import gather_on_rank_zero
@@ -194,11 +195,11 @@ class MaskWriter(pl.callbacks.BasePredictionWriter):
         self.output = output
         self.alpha = alpha
         self.written = 0
-        self.folder = Path(output) if output is not None else None
+        self.folder: Path | None = None  # set at the start of predict
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.written = 0
-        self.folder = Path(self.output or Path(trainer.default_root_dir) / "predictions")
+        self.folder = Path(run_output(trainer, self.output, "predictions"))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         counts = gather_on_rank_zero([self.written])  # every process writes its own images
