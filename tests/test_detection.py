@@ -18,6 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection.image_list import ImageList
 
 from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
+from tasks.detection import formats
 from tasks.detection.__main__ import DetectionCLI, main
 from tasks.detection.data import CocoAnnotations, COCODetection, InvalidAnnotationError, collate_lists, make_demo_coco
 from tasks.detection.module import ObjectDetectionTask
@@ -100,6 +101,27 @@ def test_predict_writes_results_json_and_drawings(coco_root, trained, tmp_path):
         assert drawn.size == (96, 96)
 
 
+def test_predictions_carry_the_datasets_category_ids_without_reading_validation(coco_root, trained, tmp_path, monkeypatch):
+    """COCO's category ids have gaps: the writer gives the dataset's ids (linked into the model from
+    the training json, the one annotation file ``predict`` parses) instead of the labels 1..K."""
+    renumbered = {1: 11, 2: 22, 3: 33}
+    (tmp_path / "annotations").mkdir()
+    for split in ("train", "val"):
+        content = json.loads((coco_root / "annotations" / f"instances_{split}2017.json").read_text())
+        content["categories"] = [{**c, "id": renumbered[c["id"]]} for c in content["categories"]]
+        content["annotations"] = [{**a, "category_id": renumbered[a["category_id"]]} for a in content["annotations"]]
+        (tmp_path / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(content))
+        (tmp_path / f"{split}2017").symlink_to(coco_root / f"{split}2017")
+    parsed = []
+    monkeypatch.setattr(formats, "read_coco_json", lambda path, read=formats.read_coco_json: parsed.append(Path(path).name) or read(path))
+    out = tmp_path / "predictions"
+    run("predict", tmp_path, tmp_path, f"--ckpt_path={trained}", f"--data.predict_dir={coco_root / 'val2017'}",
+        f"--predictions.output={out}", "--predictions.score_threshold=0.0")
+    assert parsed == ["instances_train2017.json"]
+    results = json.loads((out / "detections.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {11, 22, 33}
+
+
 def test_export_matches_detections(coco_root, trained, tmp_path):
     """A detector trained for 4 steps is numerically ill-conditioned (BN statistics still far from
     the activations): float32 rounding of fused weights moves its raw outputs by ~5e-5, hence the
@@ -180,7 +202,7 @@ def test_map_equals_pycocotools(tmp_path):
     data = COCODetection(train_ann=str(ann), train_images=str(tmp_path / "imgs"), val_ann=str(ann), val_images=str(tmp_path / "imgs"), num_workers=0)
     data.setup("validate")
     task = ObjectDetectionTask("s0", num_classes=4)
-    labels = {cid: label for label, cid in data.label_to_category().items()}
+    labels = {cid: label for label, cid in data.category_ids.items()}
     for index in range(len(data.val_dataset)):
         images_, targets = collate_lists([data.val_dataset[index]])
         image_id = int(targets[0]["image_id"])

@@ -1,4 +1,4 @@
-"""Detection annotation formats besides COCO json: Pascal VOC XML and YOLO txt, read into COCO-format dicts."""
+"""Detection annotation readers (COCO json, Pascal VOC XML, YOLO txt) into COCO-format dicts, each file parsed once a run."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import yaml
 from PIL import Image
 
 from tasks.common.data import read_image
+from tasks.detection import formats
 from tasks.detection.coco_eval import CocoEvaluation
 from tasks.detection.data import CocoAnnotations, COCODetection, CocoImages, InvalidAnnotationError
-from tasks.detection.formats import read_voc, read_voc_folder, read_yolo, yolo_class_names
+from tasks.detection.formats import VocFolders, VocLayout, YoloLayout, yolo_class_names
 
 DATASETS = Path(os.environ.get("MOBILEONE_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
 FRUITS = DATASETS / "fruits"
@@ -50,6 +51,18 @@ def boxes_by_file(coco: CocoAnnotations) -> dict[str, tuple[tuple[int, int], lis
         )
         for image in coco.images.values()
     }
+
+
+def read_voc(root: Path, split: str):
+    return VocLayout(root, {"train": split}).read("train")
+
+
+def read_voc_folder(folder: Path, class_names: list[str] | None = None, strict: bool = False):
+    return VocFolders({"train": folder}, class_names, strict).read("train")
+
+
+def read_yolo(root: Path, split: str, class_names: list[str] | None = None, strict: bool = False):
+    return YoloLayout(root, {"train": split}, class_names, strict).read("train")
 
 
 def read(converted, strict: bool = False) -> CocoAnnotations:
@@ -98,11 +111,34 @@ def test_voc_layout_reads_boxes_labels_sizes(tmp_path):
     }
 
     data = COCODetection(root=str(root), format="voc", num_workers=0)
-    assert data.voc_layout and data.class_names == ["cat", "dog"] and data.num_classes == 3
+    assert isinstance(data.reader, VocLayout) and data.class_names == ["cat", "dog"] and data.num_classes == 3
     with pytest.warns(UserWarning, match=r"val.txt \(Pascal VOC\): fixed or dropped bad annotations \(unknown class: 1\)"):
         data.setup("validate")
-    assert boxes_by_file(data.val_coco) == {"000003": ((32, 32), [])}
-    assert data.label_to_category() == {1: 1, 2: 2}
+    assert boxes_by_file(data.annotations("val")) == {"000003": ((32, 32), [])}
+    assert data.category_ids == {1: 1, 2: 2}
+
+
+def test_each_annotation_file_is_parsed_once_a_run(tmp_path, voc_pairs, monkeypatch):
+    """The class names, fit and a validation after it read each XML and split file once."""
+    root = tmp_path / "VOC2007"
+    for name in ("000001", "000002", "000003"):
+        write_image(root / "JPEGImages" / f"{name}.jpg", 32, 32)
+        write_xml(root / "Annotations" / f"{name}.xml", [("cat", 1, 2, 20, 20)], (32, 32))
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("000001\n000002\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("000003\n")
+    read = []
+    monkeypatch.setattr(formats.ET, "parse", lambda path, parse=formats.ET.parse: read.append(Path(path).name) or parse(path))
+    monkeypatch.setattr(Path, "read_text", lambda path, *args, text=Path.read_text, **kwargs: read.append(path.name) or text(path, *args, **kwargs))
+    for data_root, expected in ((root, ["train.txt", "000001.xml", "000002.xml", "val.txt", "000003.xml"]),
+                                (voc_pairs, ["a.xml", "b.xml", "c.xml", "d.xml"])):
+        read.clear()
+        data = COCODetection(root=str(data_root), format="voc", image_size=32, batch_size=2, num_workers=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for stage in ("fit", "validate"):
+                data.setup(stage)
+        assert read == expected
 
 
 def test_voc_pair_folders_and_class_names(voc_pairs):
@@ -297,7 +333,7 @@ def check_data_module(data: COCODetection, class_names: list[str]) -> None:
     assert all(len(t["boxes"]) == len(t["labels"]) and set(t["labels"].tolist()) <= set(range(1, data.num_classes)) for t in targets)
     val = [data.val_dataset[i][1] for i in range(len(data.val_dataset))]
     assert sum(len(t["boxes"]) for t in val) > 0 and all(t["boxes"].shape[1:] == (4,) for t in val)
-    assert data.label_to_category() == {label: label for label in range(1, data.num_classes)}
+    assert data.category_ids == {label: label for label in range(1, data.num_classes)}
 
 
 def test_data_module_voc_pairs(voc_pairs):

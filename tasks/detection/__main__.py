@@ -11,6 +11,7 @@ from tasks.detection.module import DetectionWriter, ObjectDetectionTask
 
 class DetectionCLI(TaskCLI):
     prediction_writer = DetectionWriter
+    data_to_model = (*TaskCLI.data_to_model, "category_ids")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)

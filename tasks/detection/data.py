@@ -24,60 +24,18 @@ from backbones.atomic import atomic_write_dir
 from tasks.common.data import BaseDataModule, ImageFiles, PredictImages
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 from tasks.detection.formats import (
-    VOC_LAYOUT,
-    YOLO_LAYOUT,
+    AnnotationReader,
     ConvertedAnnotations,
     InvalidAnnotationError,
-    read_voc,
-    read_voc_folder,
-    read_yolo,
-    voc_annotation_files,
-    voc_class_names,
-    yolo_class_names,
+    annotation_reader,
+    json_type,
+    read_categories,
+    read_coco_json,
 )
 
 __all__ = ["COCODetection", "CocoAnnotations", "InvalidAnnotationError", "make_demo_coco"]
 
 DEMO_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"})
-
-
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
-
-
-def read_coco_json(path: str | os.PathLike) -> dict[str, Any]:
-    """A COCO-format json file as a dict. Invalid JSON raises ``InvalidAnnotationError`` naming the
-    file, the line and column, what the parser expected there and the text around it; so does a
-    file that is not a JSON object with ``images``, ``annotations`` and ``categories``."""
-    path = Path(path)
-    expected = 'expected a COCO-format JSON object with "images", "annotations" and "categories"'
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        byte = error.object[error.start]
-        raise InvalidAnnotationError(f"{path}: not UTF-8 text (byte {error.start} is {byte:#04x}); {expected}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        if not text.strip():
-            raise InvalidAnnotationError(f"{path}: the file is empty; {expected}") from None
-        here = text[max(0, error.pos - 30) : error.pos] + "<here>" + text[error.pos : error.pos + 30]
-        raise InvalidAnnotationError(
-            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}: {here!r}; {expected}"
-        ) from None
-    if not isinstance(data, dict):
-        raise InvalidAnnotationError(f"{path}: the top level is a JSON {_JSON_TYPES.get(type(data), type(data).__name__)}; {expected}")
-    return data
-
-
-def _read_categories(data: dict[str, Any], source: str) -> list[dict[str, Any]]:
-    """The ``categories`` of a COCO-format dict sorted by id, each checked to have an ``id`` and a ``name``."""
-    categories = data.get("categories")
-    if not isinstance(categories, list):
-        raise InvalidAnnotationError(f'{source}: "categories" is not a list of {{"id": ..., "name": ...}} objects')
-    for number, category in enumerate(categories):
-        if not (isinstance(category, dict) and isinstance(category.get("id"), (int, str)) and "name" in category):
-            raise InvalidAnnotationError(f'{source}: categories[{number}] is {category!r}; expected {{"id": <int>, "name": <str>}}')
-    return sorted(categories, key=lambda c: c["id"])
 
 
 class CocoAnnotations:
@@ -127,10 +85,9 @@ class CocoAnnotations:
             if key not in data:
                 raise InvalidAnnotationError(f"{self.source} is not a COCO detection file: no {key!r} key")
             if not isinstance(data[key], list):
-                raise InvalidAnnotationError(f"{self.source}: {key!r} is a JSON {_JSON_TYPES.get(type(data[key]), '?')}, expected an array")
-        self.categories = _read_categories(data, self.source)
+                raise InvalidAnnotationError(f"{self.source}: {key!r} is a JSON {json_type(data[key])}, expected an array")
+        self.categories = read_categories(data, self.source)
         self.category_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
-        self.label_to_category = {label: cid for cid, label in self.category_to_label.items()}
         self.class_names = [c["name"] for c in self.categories]
         problems = Counter(problems or {})
 
@@ -387,30 +344,12 @@ class COCODetection(BaseDataModule):
         demo_images: int = 240,
     ) -> None:
         super().__init__()
-        if format not in ("coco", "voc", "yolo"):
-            raise ValueError(f"format must be coco, voc or yolo, not {format!r}")
-        base = Path(root) if root else None
-        self.format = format
-        self.train_split = train_split
-        self.val_split = val_split
-        self.voc_layout = False
-        if format == "coco":
-            if root is None and (train_ann is None or val_ann is None):
-                raise ValueError("give root (COCO 2017 layout) or train_ann/train_images and val_ann/val_images")
-            if class_names is not None:
-                raise ValueError("class_names is for format voc or yolo: COCO json files name their categories")
-            self.train_ann = Path(train_ann) if train_ann else base / "annotations" / "instances_train2017.json"
-            self.train_images = Path(train_images) if train_images else base / "train2017"
-            self.val_ann = Path(val_ann) if val_ann else base / "annotations" / "instances_val2017.json"
-            self.val_images = Path(val_images) if val_images else base / "val2017"
-        else:
-            if demo:
-                raise ValueError("demo generates a COCO-format set: it needs format coco")
-            if train_ann is not None or val_ann is not None:
-                raise ValueError(f"train_ann / val_ann are COCO json files; format {format} reads its annotation files from root")
-            self.train_ann = self.val_ann = None
-            self.train_images, self.val_images = self._locate(format, base, train_images, val_images)
-        self.root = base
+        if demo and format != "coco":
+            raise ValueError("demo generates a COCO-format set: it needs format coco")
+        self.reader: AnnotationReader = annotation_reader(
+            format, root, train_ann, train_images, val_ann, val_images, train_split, val_split, class_names, strict
+        )
+        self.root = Path(root) if root else None
         self.image_size = image_size
         if zoom_out < 1.0:
             raise ValueError(f"zoom_out is the largest zoom-out factor, at least 1 (1: none), not {zoom_out}")
@@ -428,57 +367,13 @@ class COCODetection(BaseDataModule):
         self.predict_dir = predict_dir
         self.demo = demo
         self.demo_images = demo_images
-        if format != "coco":
-            self.class_names = list(class_names) if class_names is not None else self._read_class_names()
-            return
-        if demo:
-            categories = list(DEMO_CATEGORIES)
+        self._annotations: dict[str, CocoAnnotations] = {}
+        if demo:  # generated in prepare_data, with these categories
+            self.class_names = [category["name"] for category in DEMO_CATEGORIES]
+            self.category_ids = {label: category["id"] for label, category in enumerate(DEMO_CATEGORIES, start=1)}
         else:
-            if not self.train_ann.is_file():
-                raise FileNotFoundError(
-                    f"annotation file {self.train_ann} does not exist; expected COCO 2017 under {root}: "
-                    "annotations/instances_{train,val}2017.json and {train,val}2017/<image>.jpg, or pass "
-                    "train_ann / train_images / val_ann / val_images"
-                )
-            categories = _read_categories(read_coco_json(self.train_ann), str(self.train_ann))
-        self.class_names = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
-
-    def _locate(self, format: str, base: Path | None, train_images: str | None, val_images: str | None) -> tuple[Path, Path]:
-        """The image directories of the voc and yolo layouts; errors name what is missing and the layout expected."""
-        if format == "yolo":
-            if base is None or train_images is not None or val_images is not None:
-                raise ValueError("format yolo needs root (images/<split>/, labels/<split>/) and no train_images / val_images")
-            for required in (base / "images" / self.train_split, base / "labels" / self.train_split):
-                if not required.is_dir():
-                    raise FileNotFoundError(f"{required} does not exist; expected the YOLO layout under {base}: {YOLO_LAYOUT}")
-            return base / "images" / self.train_split, base / "images" / self.val_split
-        if base is not None and (base / "Annotations").is_dir():
-            if train_images is not None or val_images is not None:
-                raise ValueError(f"{base} has the Pascal VOC layout (Annotations/): train_images / val_images are for folders of pairs")
-            self.voc_layout = True
-            voc_annotation_files(base, self.train_split)  # raises naming what is missing
-            return base / "JPEGImages", base / "JPEGImages"
-        if base is None and (train_images is None or val_images is None):
-            raise ValueError("format voc needs root, or train_images and val_images (folders of <name>.jpg + <name>.xml pairs)")
-        train = Path(train_images) if train_images else base / self.train_split
-        val = Path(val_images) if val_images else base / self.val_split
-        if not train.is_dir():
-            raise FileNotFoundError(
-                f"{train} does not exist; expected Pascal VOC under {base}: the VOC layout ({VOC_LAYOUT}), or folders "
-                f"{self.train_split}/ and {self.val_split}/ of <name>.jpg + <name>.xml pairs (or pass train_images / val_images)"
-                if train_images is None else f"{train} does not exist; expected a folder of <name>.jpg + <name>.xml pairs"
-            )
-        return train, val
-
-    def _read_class_names(self) -> list[str]:
-        """voc: the sorted object names of the training split's XML files; yolo: data.yaml or classes.txt."""
-        if self.format == "yolo":
-            return yolo_class_names(self.root)
-        xml_files = voc_annotation_files(self.root, self.train_split) if self.voc_layout else sorted(self.train_images.glob("*.xml"))
-        names = voc_class_names(xml_files)
-        if not names:
-            raise ValueError(f"no object names in the XML files of {self.train_images if not self.voc_layout else self.root}: pass class_names")
-        return names
+            self.class_names = self.reader.class_names
+            self.category_ids = self.reader.category_ids
 
     @property
     def num_classes(self) -> int:
@@ -486,7 +381,7 @@ class COCODetection(BaseDataModule):
         return len(self.class_names) + 1
 
     def prepare_data(self) -> None:
-        if self.demo and not self.train_ann.is_file():
+        if self.demo and not self.reader.files["train"][0].is_file():
             if self.root is None:
                 raise ValueError("demo needs root: where to generate the demo dataset")
             make_demo_coco(self.root, self.demo_images, max(16, self.demo_images // 4))
@@ -514,42 +409,22 @@ class COCODetection(BaseDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.train_coco = self.annotations("train")
-            self._check_categories(self.train_coco)
-            self.train_dataset = CocoImages(self.train_coco, train=True, transform=self.train_transform(), skip_corrupt=self.skip_corrupt)
+            self.train_dataset = CocoImages(self.annotations("train"), train=True, transform=self.train_transform(), skip_corrupt=self.skip_corrupt)
         if stage in ("fit", "validate", "test"):
-            self.val_coco = self.annotations("val")
-            self._check_categories(self.val_coco)
-            self.val_dataset = CocoImages(self.val_coco, train=False, transform=self.eval_transform(), skip_corrupt=self.skip_corrupt)
+            self.val_dataset = CocoImages(self.annotations("val"), train=False, transform=self.eval_transform(), skip_corrupt=self.skip_corrupt)
         if stage == "predict":
             if self.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images")
             self.predict_dataset = PredictImages(self.predict_dir, v2.ToDtype(torch.float32, scale=True), self.skip_corrupt)
 
     def annotations(self, split: Literal["train", "val"]) -> CocoAnnotations:
-        """The training or validation annotations, read in any ``format`` and checked."""
-        images = self.train_images if split == "train" else self.val_images
-        if self.format == "coco":
-            return CocoAnnotations(self.train_ann if split == "train" else self.val_ann, images, self.strict)
-        name = self.train_split if split == "train" else self.val_split
-        if self.format == "yolo":
-            converted = read_yolo(self.root, name, self.class_names, self.strict)
-        elif self.voc_layout:
-            converted = read_voc(self.root, name, self.class_names, self.strict)
-        else:
-            converted = read_voc_folder(images, self.class_names, self.strict)
-        return CocoAnnotations.from_converted(converted, self.strict)
-
-    def _check_categories(self, coco: CocoAnnotations) -> None:
-        if coco.class_names != self.class_names:
-            raise ValueError(f"{coco.source} has categories {coco.class_names}, the training set {self.class_names}")
-
-    def label_to_category(self) -> dict[int, int]:
-        """Contiguous label -> the dataset's category id, for writing COCO results (voc, yolo: ids 1..K, the labels)."""
-        if self.format != "coco":
-            return {label: label for label in range(1, len(self.class_names) + 1)}
-        coco = getattr(self, "val_coco", None) or CocoAnnotations(self.val_ann, self.val_images)
-        return coco.label_to_category
+        """A split's annotations, read (once a run: kept for later stages) and checked to have the training set's categories."""
+        if split not in self._annotations:
+            coco = CocoAnnotations.from_converted(self.reader.read(split), self.strict)
+            if coco.class_names != self.class_names:
+                raise ValueError(f"{coco.source} has categories {coco.class_names}, the training set {self.class_names}")
+            self._annotations[split] = coco
+        return self._annotations[split]
 
     def collate_fn(self, dataset: Dataset) -> Callable:
         return collate_lists

@@ -43,6 +43,8 @@ class ObjectDetectionTask(BaseTask):
             ``"timm:<name>"`` (see ``tasks.common.backbones``). Only MobileOne is reparameterized.
         num_classes: categories + background (linked from the data).
         class_names: category names (linked from the data).
+        category_ids: label 1..K -> the dataset's category id (linked from the data; COCO's ids have
+            gaps): the ids the prediction writer and the export's metadata give. ``None``: the labels.
         image_size: network input size (320 in the paper's setup).
         backbone_weights: ImageNet checkpoint for the backbone (Apple's train- or inference-form file: a fused one is
             rebuilt in train form and calibrated at the start of ``fit``; or one of our classification
@@ -61,6 +63,7 @@ class ObjectDetectionTask(BaseTask):
         backbone: str = "mobileone",
         num_classes: int = 81,
         class_names: list[str] | None = None,
+        category_ids: dict[int, int] | None = None,
         image_size: int = 320,
         backbone_weights: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
@@ -205,7 +208,7 @@ class ObjectDetectionTask(BaseTask):
             "architecture": f"ssdlite_{backbone_name(self.hparams.backbone, self.hparams.variant)}",
             "image_size": self.hparams.image_size,
             "class_names": ["background", *(self.hparams.class_names or [])],
-            "category_ids": {str(k): v for k, v in datamodule.label_to_category().items()} if datamodule is not None else None,
+            "category_ids": {str(k): v for k, v in self.hparams.category_ids.items()} if self.hparams.category_ids else None,
             **self.input_normalization(datamodule),
             "input": f"images: float32 (N, 3, {self.hparams.image_size}, {self.hparams.image_size}): the image resized "
             "(bilinear) to that size, RGB scaled to [0, 1], then (x - mean) / std",
@@ -272,14 +275,14 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         folder = Path(run_output(trainer, self.output, "predictions"))
-        label_to_category = trainer.datamodule.label_to_category() if trainer.datamodule is not None else {}
+        category_ids = pl_module.hparams.category_ids or {}
         names = ["background", *(pl_module.hparams.class_names or [])]
         results = []
         for item in (row for batch in predictions for row in batch):
             for box, score, label in zip(item["boxes"].tolist(), item["scores"].tolist(), item["labels"].tolist()):
                 results.append({
                     "file_name": Path(item["path"]).name,
-                    "category_id": label_to_category.get(label, label),
+                    "category_id": category_ids.get(label, label),
                     "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
                     "score": round(score, 5),
                 })
