@@ -32,7 +32,7 @@ def export(task: str, datasets_root: Path, work_dir: Path, seed: int, calibratio
     output = work / "exported_int8"
     command = [
         sys.executable, "-m", f"tasks.{task}", "export", "--config", setting.config, "--config", str(work / "override.yaml"),
-        setting.root_option, str(datasets_root / setting.data_dir), "--ckpt_path", str(checkpoint), "--output", str(output),
+        "--data.root", str(datasets_root / setting.data_dir), "--ckpt_path", str(checkpoint), "--output", str(output),
         "--int8", "true", "--executorch", "true", "--calibration_images", str(calibration_images),
     ]
     seconds = _run(command, work / "export_int8.log")

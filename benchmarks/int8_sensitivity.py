@@ -154,7 +154,7 @@ def load_run(task: str, datasets_root: Path, work: Path) -> tuple[object, object
     if not checkpoint.is_file():
         raise SystemExit(f"{checkpoint} does not exist: run python -m benchmarks.real_data --tasks {task} first")
     cli = importlib.import_module(f"tasks.{task}.__main__").main(
-        ["--config", setting.config, setting.root_option, str(datasets_root / setting.data_dir)], run=False)
+        ["--config", setting.config, "--data.root", str(datasets_root / setting.data_dir)], run=False)
     model = type(cli.model).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     return model.eval(), cli.datamodule
 

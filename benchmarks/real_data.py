@@ -38,6 +38,10 @@ from pathlib import Path
 
 from backbones.atomic import atomic_write_file
 from benchmarks.machine import describe_machine
+from tasks.classification.module import ImageClassificationTask
+from tasks.common.module import BaseTask
+from tasks.detection.module import ObjectDetectionTask
+from tasks.segmentation.module import SemanticSegmentationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASETS = Path(os.environ.get("MOBILEONE_DATASETS", ROOT.parent / "shared" / "datasets"))
@@ -57,33 +61,34 @@ class Setting:
     dataset: str
     config: str
     data_dir: str  # under --datasets-root
-    root_option: str  # the CLI option that takes the data root
-    metric: str  # the headline metric (a logged name without the "val/" prefix)
+    metric: str  # the task's declared validation_metric, without the "val/" prefix
     extra_metrics: tuple[str, ...]
     pretrained_config: str  # the fine-tuning recipe (--pretrained)
     weights_option: str  # the CLI option that takes ImageNet weights
-    monitor_mode: str = "max"
 
     def config_for(self, start: str) -> str:
         return self.pretrained_config if start == IMAGENET else self.config
 
-    @property
-    def data_prefix(self) -> str:
-        return self.root_option.rsplit(".", 1)[0]  # "--data" or "--data.init_args"
+
+def _metric(task: type[BaseTask]) -> str:
+    """The metric a task declares (``validation_metric``, all higher-is-better here), as its logs name it under ``val/``."""
+    if task.validation_metric_mode != "max":
+        raise ValueError(f"{task.__name__}.validation_metric {task.validation_metric} is lower-is-better: the summaries assume higher")
+    return task.validation_metric.removeprefix("val/")
 
 
 SETTINGS = {
     "classification": Setting(
         "classification", "hymenoptera (ants / bees)", "configs/classification/hymenoptera.yaml", "hymenoptera",
-        "--data.root", "acc1", (), "configs/classification/hymenoptera_pretrained.yaml", "--model.weights",
+        _metric(ImageClassificationTask), (), "configs/classification/hymenoptera_pretrained.yaml", "--model.weights",
     ),
     "detection": Setting(
         "detection", "fruits (Pascal VOC XML as published)", "configs/detection/fruits_voc.yaml", "fruits/voc",
-        "--data.root", "mAP", ("mAP_50", "mAP_75"), "configs/detection/fruits_voc_pretrained.yaml", "--model.backbone_weights",
+        _metric(ObjectDetectionTask), ("mAP_50", "mAP_75"), "configs/detection/fruits_voc_pretrained.yaml", "--model.backbone_weights",
     ),
     "segmentation": Setting(
         "segmentation", "CamVid (11 classes)", "configs/segmentation/camvid.yaml", "camvid",
-        "--data.init_args.root", "mIoU", ("pixel_acc",), "configs/segmentation/camvid_pretrained.yaml", "--model.backbone_weights",
+        _metric(SemanticSegmentationTask), ("pixel_acc",), "configs/segmentation/camvid_pretrained.yaml", "--model.backbone_weights",
     ),
 }
 
@@ -93,17 +98,15 @@ def csv_logger(save_dir: Path, version: str) -> dict:
     return {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir), "name": "", "version": version}}
 
 
-def _override_config(work: Path, setting: Setting) -> Path:
-    """Logger and checkpoints of one run into ``work`` (a second ``--config`` replaces the recipe's)."""
-    monitor = f"val/{setting.metric}"
+def _override_config(work: Path) -> Path:
+    """Logger and checkpoints of one run into ``work`` (a second ``--config`` replaces the recipe's); the
+    checkpoints follow the task's declared metric."""
     content = {
         "trainer": {
             "enable_progress_bar": False,
             "logger": [csv_logger(work, "fit")],
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(work / "checkpoints"), "monitor": monitor, "mode": setting.monitor_mode,
-                               "save_last": True}},
+                {"class_path": "tasks.common.callbacks.TaskCheckpoint", "init_args": {"dirpath": str(work / "checkpoints")}},
             ],
         }
     }
@@ -174,9 +177,9 @@ def run_one(setting: Setting, backbone: str, datasets_root: Path, work_root: Pat
     start = SCRATCH if weights is None else IMAGENET
     work = run_folder(work_root, setting.task, backbone, seed, start)
     work.mkdir(parents=True, exist_ok=True)
-    override = _override_config(work, setting)
+    override = _override_config(work)
     task = [sys.executable, "-m", f"tasks.{setting.task}"]
-    common = ["--config", setting.config_for(start), "--config", str(override), setting.root_option, str(data),
+    common = ["--config", setting.config_for(start), "--config", str(override), "--data.root", str(data),
               "--model.backbone", backbone, f"--seed_everything={seed}"]
     if weights is not None:
         common += [setting.weights_option, weights]
@@ -195,7 +198,7 @@ def run_one(setting: Setting, backbone: str, datasets_root: Path, work_root: Pat
         "detection": ["--predictions.output", str(output), f"--predictions.score_threshold={DRAWN_SCORE}"],
         "segmentation": ["--predictions.output", str(output)],
     }[setting.task]
-    _run([*task, "predict", *common, f"--ckpt_path={checkpoint}", f"{setting.data_prefix}.predict_dir={inputs}",
+    _run([*task, "predict", *common, f"--ckpt_path={checkpoint}", f"--data.predict_dir={inputs}",
           "--trainer.logger=false", *writer], work / "predict.log")
     final = curve[-1]
     print(f"[real_data] {setting.task} / {backbone} / {start}: {setting.metric} {final[setting.metric]:.4f} after "

@@ -186,13 +186,10 @@ class ImageFolderDataModule(BaseDataModule):
         demo_images_per_class: int = 160,
         unlabelled_train: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, batch_size, num_workers, pin_memory, persistent_workers, skip_corrupt)
         self.save_hyperparameters()
         self.root = Path(root)
         self.train_split, self.val_split = train_split, val_split
-        self.batch_size = self.val_batch_size = batch_size
-        self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
-        self.skip_corrupt = skip_corrupt
         self._image_size = SharedImageSize(image_size)
         if demo:
             self.class_folders = list(DEMO_CLASSES)

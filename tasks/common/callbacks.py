@@ -23,6 +23,9 @@ __all__ = ["CosineWeightDecay", "ExportOnFitEnd", "FreezeBatchNormStatistics", "
 EXPORT_OPTIONS = tuple(name for name, p in inspect.signature(export_task).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
 
+TASK_METRIC = "validation_metric"  # TaskCheckpoint's default monitor: the metric the task declares
+
+
 def run_output(trainer: pl.Trainer, given: str | None, name: str) -> str:
     """Where a run writes an output: ``given``, else ``name`` under ``trainer.default_root_dir``, the
     run's one folder (its logs and checkpoints, predictions, exports)."""
@@ -37,9 +40,15 @@ class TaskCheckpoint(ModelCheckpoint):
     lags behind and ``--ckpt_path last`` repeats them. This one writes ``last.ckpt`` at the end of
     every epoch (after its validation) and, with ``last_every_n_train_steps``, also every that many
     optimizer steps, for epochs too long to lose. The top-k checkpoints follow ``monitor`` as
-    usual. Files are written through Lightning's atomic save (a temporary file moved into place).
+    usual; by default they follow the metric the task declares (``validation_metric`` and
+    ``validation_metric_mode`` of ``BaseTask``: ``val/acc1``, ``val/mAP``, ``val/mIoU``, higher is
+    better). Files are written through Lightning's atomic save (a temporary file moved into place).
 
     Args:
+        monitor: the logged metric the top-k checkpoints follow; ``"validation_metric"`` (the
+            default): the task's declared one; ``None``: none (``ModelCheckpoint``'s meaning).
+        mode: ``"max"`` or ``"min"``; default the task's declared mode for its metric, else ``"min"``
+            (``ModelCheckpoint``'s default).
         last_every_n_train_steps: also write ``last.ckpt`` every this many steps (0: epoch ends only);
             a run resumed from such a checkpoint continues at the next batch, bit for bit.
         save_last: as ``ModelCheckpoint``'s, but ``True`` by default.
@@ -47,13 +56,34 @@ class TaskCheckpoint(ModelCheckpoint):
     """
 
     def __init__(
-        self, *args: Any, save_last: bool | Literal["link"] = True, last_every_n_train_steps: int = 0, **kwargs: Any
+        self,
+        *args: Any,
+        monitor: str | None = TASK_METRIC,
+        mode: Literal["min", "max"] | None = None,
+        save_last: bool | Literal["link"] = True,
+        last_every_n_train_steps: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(*args, save_last=save_last, **kwargs)
+        super().__init__(*args, monitor=monitor, mode=mode or "min", save_last=save_last, **kwargs)
         if last_every_n_train_steps < 0:
             raise ValueError(f"last_every_n_train_steps must be >= 0, got {last_every_n_train_steps}")
         self.last_every_n_train_steps = last_every_n_train_steps
+        self._given_mode = mode
         self._step_of_last = -1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.monitor == TASK_METRIC:  # before the checkpoint's state is restored: its key names the metric
+            metric = getattr(pl_module, "validation_metric", None)
+            if metric is None:
+                raise ValueError(f"TaskCheckpoint follows the task's validation_metric, which {type(pl_module).__name__} does not "
+                                 "declare: give monitor (and mode)")
+            self.monitor = metric
+            self.mode = self._given_mode or pl_module.validation_metric_mode
+            if self.mode not in ("min", "max"):
+                raise ValueError(f"{type(pl_module).__name__}.validation_metric_mode must be 'min' or 'max', not {self.mode!r}")
+            # the worst value, as ModelCheckpoint's (private) mode setter sets it
+            self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+        super().setup(trainer, pl_module, stage)
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)

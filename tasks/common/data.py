@@ -299,10 +299,11 @@ class BaseDataModule(pl.LightningDataModule):
     that ``collate_fn(dataset)`` gives (default: torch's). ``test`` evaluates ``test_dataset``
     when ``setup`` made one, else the validation split.
 
-    A subclass sets ``batch_size``, ``val_batch_size``, ``num_workers``, ``pin_memory`` and
-    ``persistent_workers`` in ``__init__`` and ``train_dataset`` / ``val_dataset`` /
-    ``test_dataset`` / ``predict_dataset`` in ``setup``; and ``mean`` / ``std`` where its
-    transforms normalize the images (read by the task's ``input_normalization``).
+    A subclass passes the loader settings to ``__init__`` (``batch_size``, ``val_batch_size``,
+    ``num_workers``, ``pin_memory``, ``persistent_workers``, ``skip_corrupt``), sets
+    ``train_dataset`` / ``val_dataset`` (and ``test_dataset``, ``predict_dataset`` where it has
+    them) in ``setup``, and ``mean`` / ``std`` where its transforms normalize the images (read by
+    the task's ``input_normalization``).
 
     Bad input, the same in every task: an unreadable image file is an error naming it, unless the
     subclass's ``skip_corrupt`` is set (its datasets are ``ImageFiles``): then it is left out of its
@@ -315,15 +316,25 @@ class BaseDataModule(pl.LightningDataModule):
     that changes what the workers produce (``ProgressiveResolution``) registers here.
     """
 
-    batch_size: int
-    val_batch_size: int
-    skip_corrupt: bool = False
-    num_workers: int
-    pin_memory: bool
-    persistent_workers: bool
+    train_dataset: Dataset  # set by setup("fit")
+    val_dataset: Dataset  # set by setup("fit"), setup("validate") and setup("test")
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        val_batch_size: int,
+        num_workers: int,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        skip_corrupt: bool = False,
+    ) -> None:
         super().__init__()
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.skip_corrupt = skip_corrupt
         self.train_loader_hooks: list[Callable[[BaseDataModule, int], None]] = []
 
     def collate_fn(self, dataset: Dataset) -> Callable | None:

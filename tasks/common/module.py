@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -123,9 +123,10 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     """What every task shares; a task adds its network (``self.model``), its loss, its metrics and
     the description of its exported files.
 
-    A task sets ``self.model`` (the trained network) in ``__init__`` and saves its hyperparameters,
-    which include ``lr`` (for ``reference_batch_size`` images per step), ``reference_batch_size``,
-    ``momentum``, ``weight_decay`` and ``channels_last``, and implements:
+    A task sets ``self.model`` (the trained network) in ``__init__`` and saves its hyperparameters
+    (``self.save_hyperparameters()``), which include ``REQUIRED_HPARAMS``: ``lr`` (for
+    ``reference_batch_size`` images per step), ``reference_batch_size``, ``momentum``,
+    ``weight_decay`` and ``channels_last`` (checked when a trainer sets the task up), and implements:
 
     - ``training_loss(batch)`` (and ``predict_batch(batch)`` for ``predict``; empty batches never reach them);
     - ``evaluate(batch, prefix)``: update the metrics with one validation or test batch
@@ -134,7 +135,9 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     - ``lr_schedule(total_steps, steps_per_epoch)``: the learning-rate multiplier per optimizer
       step, and optionally ``parameter_groups(lr)`` (default: ``self.model``'s parameters, no
       weight decay on BatchNorm parameters and biases);
-    - the export protocol of ``tasks.common.export.export_task``: ``validation_metric``,
+    - ``validation_metric`` (and ``validation_metric_mode`` if lower is better): the logged metric
+      that ``TaskCheckpoint``, the export and the benchmarks quote;
+    - the export protocol of ``tasks.common.export.export_task``:
       ``export_metadata(datamodule)``, and where the defaults do not fit, ``export_network()``
       (default ``self.model``), ``export_images(batch)`` (default ``batch[0]``),
       ``deployed_model(network)`` (what validation runs for an exported ``network``; default the
@@ -148,9 +151,20 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     """
 
     model: nn.Module
-    validation_metric: str  # the metric an export quotes, e.g. "val/acc1"
+    validation_metric: str  # the task's headline metric, e.g. "val/acc1": what checkpoints follow and an export quotes
+    validation_metric_mode: Literal["max", "min"] = "max"  # whether a higher or a lower validation_metric is better
     export_check_images = 8  # validation images the export compares the fused and trained networks on
     fused_calibration_batches = 8  # training batches that calibrate MobileOne layers built from a fused file
+
+    REQUIRED_HPARAMS = ("lr", "reference_batch_size", "momentum", "weight_decay", "channels_last")
+
+    def setup(self, stage: str) -> None:
+        missing = [name for name in self.REQUIRED_HPARAMS if name not in self.hparams]
+        if missing:
+            raise TypeError(f"{type(self).__name__} has no hyperparameter {', '.join(missing)}: a BaseTask takes "
+                            f"{', '.join(self.REQUIRED_HPARAMS)} as __init__ arguments and calls self.save_hyperparameters()")
+        if not isinstance(getattr(self, "model", None), nn.Module):
+            raise TypeError(f"{type(self).__name__} sets no self.model (an nn.Module) in __init__")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -343,7 +343,7 @@ class COCODetection(BaseDataModule):
         demo: bool = False,
         demo_images: int = 240,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, val_batch_size, num_workers, pin_memory, persistent_workers, skip_corrupt)
         if demo and format != "coco":
             raise ValueError("demo generates a COCO-format set: it needs format coco")
         self.reader: AnnotationReader = annotation_reader(
@@ -357,13 +357,7 @@ class COCODetection(BaseDataModule):
         self.iou_crop = iou_crop
         self.photometric = photometric
         self.train_max_size = train_max_size
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
         self.strict = strict
-        self.skip_corrupt = skip_corrupt
         self.predict_dir = predict_dir
         self.demo = demo
         self.demo_images = demo_images

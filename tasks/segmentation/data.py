@@ -207,21 +207,15 @@ class SegmentationDataModule(BaseDataModule):
         eval_scale: float = 1.0,
         skip_corrupt: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, val_batch_size, num_workers, pin_memory, persistent_workers, skip_corrupt)
         if not 0 < eval_scale <= 1:
             raise ValueError(f"eval_scale must be in (0, 1], got {eval_scale}")
         self.eval_scale = eval_scale
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
         self.crop_size = crop_size
         self.scale_range = tuple(scale_range)
         self.ignore_index = ignore_index
         self.mean, self.std = list(mean), list(std)
         self.predict_dir = predict_dir
-        self.skip_corrupt = skip_corrupt
 
     @property
     def num_classes(self) -> int:
