@@ -5,7 +5,7 @@
 
 If a model scores much better with batch statistics, its running statistics lag behind its weights
 (a short training's usual trouble); if not, the running statistics are not what holds it back.
-The data are those of ``configs/segmentation/camvid.yaml`` (a ``FolderSegmentation`` root, evaluated
+The data are those of ``configs/segmentation/camvid.yaml`` (a ``--data.format folder`` root, evaluated
 at ``--eval-scale``).
 """
 
@@ -16,12 +16,12 @@ import argparse
 import torch
 from torch import nn
 
-from tasks.segmentation.data import FolderSegmentation
+from tasks.segmentation.data import SegmentationDataModule
 from tasks.segmentation.module import SemanticSegmentationTask, iou_from_confusion
 
 
 @torch.no_grad()
-def evaluate(task: SemanticSegmentationTask, data: FolderSegmentation, batch_statistics: bool) -> tuple[float, float]:
+def evaluate(task: SemanticSegmentationTask, data: SegmentationDataModule, batch_statistics: bool) -> tuple[float, float]:
     """mIoU and pixel accuracy over the validation split; with ``batch_statistics`` every
     BatchNorm normalizes with the batch's own statistics (its running ones left untouched)."""
     task.eval()
@@ -39,11 +39,11 @@ def evaluate(task: SemanticSegmentationTask, data: FolderSegmentation, batch_sta
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="segmentation .ckpt files")
-    parser.add_argument("--root", required=True, help="FolderSegmentation root ({train,val}/{images,masks}, classes.json)")
+    parser.add_argument("--root", required=True, help="a folder-format root ({train,val}/{images,masks}, classes.json)")
     parser.add_argument("--eval-scale", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    data = FolderSegmentation(root=args.root, num_workers=2, val_batch_size=args.batch_size, eval_scale=args.eval_scale)
+    data = SegmentationDataModule(args.root, "folder", num_workers=2, val_batch_size=args.batch_size, eval_scale=args.eval_scale)
     data.setup("validate")
     print("| checkpoint | running statistics: mIoU / pixel acc | batch statistics: mIoU / pixel acc |")
     print("| --- | --- | --- |")

@@ -94,7 +94,7 @@ def train_one(variant: str, datasets_root: Path, work: Path, seed: int, epochs: 
     from tasks.segmentation.__main__ import main as segmentation_cli
 
     backbone, change = VARIANTS[variant]
-    args = ["--config", CONFIG, "--data.init_args.root", str(datasets_root / "camvid"), "--model.backbone", backbone,
+    args = ["--config", CONFIG, "--data.root", str(datasets_root / "camvid"), "--model.backbone", backbone,
             f"--seed_everything={seed}", "--trainer.enable_progress_bar=false",
             "--trainer.logger", json.dumps(csv_logger(work, "fit")),
             "--trainer.default_root_dir", str(work)]

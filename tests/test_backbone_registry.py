@@ -114,7 +114,7 @@ def test_a_registered_backbone_runs_through_detection(toy, tmp_path):
 
 def test_a_registered_backbone_runs_through_segmentation(toy, tmp_path):
     data = make_demo_voc(tmp_path / "VOCdevkit", train_images=4, val_images=2, size=64)
-    metadata = _fit_validate_export(segmentation_main, ["--config", str(CONFIGS / "segmentation.yaml"), f"--data.init_args.root={data}"],
+    metadata = _fit_validate_export(segmentation_main, ["--config", str(CONFIGS / "segmentation.yaml"), f"--data.root={data}"],
                                     tmp_path / "run", SemanticSegmentationTask)
     assert metadata["architecture"] == "deeplabv3_toy"
     assert metadata["onnx_vs_pytorch_relative_error"] < 1e-5

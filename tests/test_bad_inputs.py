@@ -21,7 +21,7 @@ from tasks.classification.data import ImageFolderDataModule, make_demo_dataset
 from tasks.classification.module import ImageClassificationTask
 from tasks.common.data import CorruptImageError, PredictImages, read_image
 from tasks.detection.data import CocoAnnotations, COCODetection, InvalidAnnotationError
-from tasks.segmentation.data import FolderSegmentation
+from tasks.segmentation.data import SegmentationDataModule
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -106,7 +106,8 @@ def test_truncated_mask_names_the_file(tmp_path):
     mask = tmp_path / "masks" / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 3, (64, 64), dtype=np.uint8), mode="L").save(mask)
     mask.write_bytes(mask.read_bytes()[:-40])  # cut inside the image data
-    data = FolderSegmentation(str(tmp_path / "images"), str(tmp_path / "masks"), val_images=str(tmp_path / "images"),
+    data = SegmentationDataModule(format="folder", images=str(tmp_path / "images"), masks=str(tmp_path / "masks"),
+                                  val_images=str(tmp_path / "images"),
                               val_masks=str(tmp_path / "masks"), num_classes=3, num_workers=0)
     data.setup("validate")
     message = r"cannot decode mask file .*masks/a.png: .*; expected a complete palette or grayscale PNG"
@@ -219,7 +220,8 @@ def test_every_predict_dataset_reads_deep_images_as_8bit(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "train" / "a" / "x.png")
     classification = ImageFolderDataModule(str(root), predict_dir=str(folder), eval_resize=12, eval_image_size=12, num_workers=0)
     classification.setup("predict")
-    segmentation = FolderSegmentation(str(folder), str(folder), num_classes=2, predict_dir=str(folder), num_workers=0)
+    segmentation = SegmentationDataModule(format="folder", images=str(folder), masks=str(folder), num_classes=2, predict_dir=str(folder),
+                                          num_workers=0)
     segmentation.setup("predict")
     datasets = {
         "classification": (classification.predict_dataset, classification.eval_transform()),
@@ -351,7 +353,7 @@ def _segmentation_case(tmp_path: Path):
     bad = [root / "train" / "images" / "train1.jpg", root / "val" / "images" / "val0.jpg"]
 
     def data(**kwargs):
-        return FolderSegmentation(root=str(root), crop_size=32, batch_size=3, val_batch_size=2, num_workers=2,
+        return SegmentationDataModule(str(root), "folder", crop_size=32, batch_size=3, val_batch_size=2, num_workers=2,
                                   persistent_workers=False, **kwargs)
 
     def model():

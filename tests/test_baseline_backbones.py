@@ -116,7 +116,7 @@ def test_segmentation_with_efficientnet_trains_and_exports(tmp_path):
 
     root = make_demo_voc(tmp_path / "VOCdevkit", train_images=4, val_images=2, size=64)
     config = str(Path(__file__).parent / "configs" / "segmentation.yaml")
-    common = ["--config", config, f"--data.init_args.root={root}", "--trainer.default_root_dir", str(tmp_path),
+    common = ["--config", config, f"--data.root={root}", "--trainer.default_root_dir", str(tmp_path),
               "--model.backbone=efficientnet_b0"]
     main(["fit", *common])
     (checkpoint,) = tmp_path.glob("**/last.ckpt")

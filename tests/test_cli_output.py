@@ -91,10 +91,10 @@ def test_detection_cli_names_what_it_writes(tmp_path, repository_root_unchanged)
 
 def test_segmentation_cli_names_what_it_writes(tmp_path, repository_root_unchanged):
     data = make_demo_voc(tmp_path / "VOCdevkit", train_images=4, val_images=2, size=64)
-    common = ["--config", str(CONFIGS / "segmentation.yaml"), f"--data.init_args.root={data}"]
+    common = ["--config", str(CONFIGS / "segmentation.yaml"), f"--data.root={data}"]
     run_cli("segmentation", tmp_path, "fit", *common, "--trainer.default_root_dir=run")
     run_cli("segmentation", tmp_path, "predict", *common, "--ckpt_path=run/checkpoints/last.ckpt",
-            f"--data.init_args.predict_dir={data / 'VOC2012' / 'JPEGImages'}", "--predictions.output=masks")
+            f"--data.predict_dir={data / 'VOC2012' / 'JPEGImages'}", "--predictions.output=masks")
     assert any((tmp_path / "masks").glob("*_overlay.jpg"))
     run_cli("segmentation", tmp_path, "export", *common, "--ckpt_path=run/checkpoints/last.ckpt", "--output=exported")
 

@@ -54,7 +54,7 @@ def test_load_config_reads_a_derived_config_as_the_cli_does(config, capsys):
     cli = flatten(resolved(task, config, capsys))
     for key, value in flatten(load_config(config)).items():
         if not isinstance(value, list):  # lists of callbacks / loggers are expanded by the CLI
-            assert cli.get(key) == value or cli.get(key.replace("data.", "data.init_args.", 1)) == value, key
+            assert cli.get(key) == value, key
 
 
 def test_default_root_dir_holds_logs_and_checkpoints(tmp_path):
@@ -77,6 +77,5 @@ def test_default_root_dir_holds_logs_and_checkpoints(tmp_path):
 def test_without_a_configured_folder_a_run_writes_under_outputs_task(task, tmp_path, capsys):
     """Not into the working directory: logs and checkpoints go to outputs/<task>, as predictions and exports do."""
     config = tmp_path / "bare.yaml"
-    config.write_text("data:\n  class_path: tasks.segmentation.data.FolderSegmentation\n  init_args: {root: x}\n"
-                      if task == "segmentation" else "data:\n  root: x\n")
+    config.write_text("data:\n  root: x\n")
     assert resolved(task, config, capsys)["trainer"]["default_root_dir"] == f"outputs/{task}"

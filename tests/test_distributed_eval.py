@@ -45,7 +45,7 @@ def test_classification_metrics_count_each_sample_once(tmp_path):
 
 def test_segmentation_metrics_count_each_sample_once(tmp_path):
     root = make_demo_voc(tmp_path / "VOCdevkit", train_images=2, val_images=5, size=64)
-    assert_same_metrics("segmentation", [f"--data.init_args.root={root}"], tmp_path)
+    assert_same_metrics("segmentation", [f"--data.root={root}"], tmp_path)
 
 
 def test_detection_metrics_count_each_sample_once(tmp_path):

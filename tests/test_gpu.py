@@ -87,7 +87,7 @@ def test_segmentation_trains_channels_last_bf16_on_cuda(tmp_path):
     from tasks.segmentation.data import make_demo_voc
 
     root = make_demo_voc(tmp_path / "VOCdevkit", train_images=4, val_images=2, size=64)
-    _fit(main, "segmentation.yaml", tmp_path, f"--data.init_args.root={root}")
+    _fit(main, "segmentation.yaml", tmp_path, f"--data.root={root}")
 
 
 def test_detection_trains_channels_last_bf16_on_cuda(tmp_path):

@@ -89,7 +89,7 @@ def test_classification_resume_is_bit_exact(image_root, tmp_path):
 
 def test_segmentation_resume_is_bit_exact(voc_root, tmp_path):
     # 8 images, batch 2: 4 steps per epoch; random scale/crop/flip drawn in the loader workers
-    kill_and_resume("segmentation", [f"--data.init_args.root={voc_root}", "--data.init_args.num_workers=2"], 4, tmp_path)
+    kill_and_resume("segmentation", [f"--data.root={voc_root}", "--data.num_workers=2"], 4, tmp_path)
 
 
 def test_last_checkpoint_is_the_last_epoch_when_the_monitored_metric_stalls(image_root, tmp_path):

@@ -18,14 +18,7 @@ from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, cpu_flags,
 from backbones.testing import relative_error
 from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 from tasks.segmentation.__main__ import main
-from tasks.segmentation.data import (
-    ADE20K,
-    FolderSegmentation,
-    InvalidMaskError,
-    VOCSegmentation,
-    make_demo_voc,
-    read_mask,
-)
+from tasks.segmentation.data import InvalidMaskError, SegmentationDataModule, make_demo_voc, read_mask
 from tasks.segmentation.deeplabv3 import DeepLabV3
 from tasks.segmentation.module import SemanticSegmentationTask, iou_from_confusion
 
@@ -44,7 +37,7 @@ def run(subcommand: str, workdir: Path, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def trained(voc_root, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("fit")
-    run("fit", workdir, f"--data.init_args.root={voc_root}")
+    run("fit", workdir, f"--data.root={voc_root}")
     (checkpoint,) = workdir.glob("**/last.ckpt")
     return checkpoint
 
@@ -61,7 +54,7 @@ def test_demo_layout_is_voc(voc_root):
 
 def test_validate_prints_per_class_table(voc_root, trained, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="tasks")
-    run("validate", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={trained}")
+    run("validate", tmp_path, f"--data.root={voc_root}", f"--ckpt_path={trained}")
     table = caplog.text
     for name in ("background", "circle", "square", "triangle", "mIoU", "pixel accuracy"):
         assert name in table
@@ -70,8 +63,8 @@ def test_validate_prints_per_class_table(voc_root, trained, tmp_path, caplog):
 def test_predict_writes_masks_and_overlays(voc_root, trained, tmp_path):
     images = voc_root / "VOC2012" / "JPEGImages"
     out = tmp_path / "predictions"
-    run("predict", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={trained}",
-        f"--data.init_args.predict_dir={images}", f"--predictions.output={out}")
+    run("predict", tmp_path, f"--data.root={voc_root}", f"--ckpt_path={trained}",
+        f"--data.predict_dir={images}", f"--predictions.output={out}")
     stems = sorted(p.stem for p in images.glob("*.jpg"))
     assert sorted(p.stem for p in out.glob("*.png")) == stems
     assert sorted(p.name for p in out.glob("*_overlay.jpg")) == [f"{s}_overlay.jpg" for s in stems]
@@ -82,7 +75,7 @@ def test_predict_writes_masks_and_overlays(voc_root, trained, tmp_path):
 
 def test_export_matches_and_accepts_any_image_size(voc_root, trained, tmp_path):
     out = tmp_path / "exported"
-    run("export", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={trained}", f"--output={out}")
+    run("export", tmp_path, f"--data.root={voc_root}", f"--ckpt_path={trained}", f"--output={out}")
     metadata = json.loads((out / "model.json").read_text())
     assert metadata["fused_vs_unfused_relative_error"] < 1e-5 and metadata["onnx_vs_pytorch_relative_error"] < 1e-5
     assert metadata["fused_vs_unfused_agreement"] > 0.999
@@ -124,7 +117,7 @@ def test_miou_equals_numpy_confusion_over_batches():
 
 
 def test_crop_pads_mask_with_ignore_index(voc_root):
-    data = VOCSegmentation(str(voc_root), demo=True, crop_size=100, scale_range=(1.0, 1.0))
+    data = SegmentationDataModule(str(voc_root), demo=True, crop_size=100, scale_range=(1.0, 1.0))
     image, mask = data.train_transform()(tv_tensors.Image(torch.full((3, 64, 64), 200, dtype=torch.uint8)),
                                          tv_tensors.Mask(torch.ones(64, 64, dtype=torch.int64)))
     assert image.shape == (3, 100, 100) and mask.shape == (100, 100)
@@ -145,14 +138,14 @@ def test_ade20k_ignores_label_zero_and_shifts_labels(tmp_path):
     labels[:10], labels[10:20], labels[20:30] = 1, 2, 3
     root = tmp_path / "ADEChallengeData2016"
     _write_ade(root, labels)
-    data = ADE20K(str(root), class_names=["wall", "floor", "sky"], num_workers=0)
+    data = SegmentationDataModule(str(root), "ade20k", class_names=["wall", "floor", "sky"], num_workers=0)
     data.setup("validate")
     _, mask = data.val_dataset[0]
     assert mask[:10].unique().tolist() == [0] and mask[20:30].unique().tolist() == [2]
     assert mask[30:].unique().tolist() == [255]
     main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run=1",
-          "--data.class_path=tasks.segmentation.data.ADE20K", f"--data.init_args.root={root}",
-          "--data.init_args.class_names=[wall, floor, sky]", "--data.init_args.crop_size=32"])
+          "--data.format=ade20k", "--data.demo=false", f"--data.root={root}",
+          "--data.class_names=[wall, floor, sky]", "--data.crop_size=32"])
 
 
 def test_folder_dataset_with_grayscale_and_palette_masks(tmp_path):
@@ -163,12 +156,13 @@ def test_folder_dataset_with_grayscale_and_palette_masks(tmp_path):
         labels = np.full((32, 32), i % 3, dtype=np.uint8)
         mask = Image.fromarray(labels, mode="L") if i % 2 else Image.fromarray(labels, mode="P")
         mask.save(tmp_path / "masks" / f"img{i}.png")
-    data = FolderSegmentation(str(tmp_path / "images"), str(tmp_path / "masks"), num_classes=3, num_workers=0)
+    data = SegmentationDataModule(format="folder", images=str(tmp_path / "images"), masks=str(tmp_path / "masks"), num_classes=3,
+                                  num_workers=0)
     train, val = data.pairs("train"), data.pairs("val")
     assert len(train) == 9 and len(val) == 1 and not set(train) & set(val)
     main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run=1",
-          "--data.class_path=tasks.segmentation.data.FolderSegmentation", f"--data.init_args.images={tmp_path / 'images'}",
-          f"--data.init_args.masks={tmp_path / 'masks'}", "--data.init_args.num_classes=3", "--data.init_args.crop_size=32"])
+          "--data.format=folder", "--data.demo=false", f"--data.images={tmp_path / 'images'}",
+          f"--data.masks={tmp_path / 'masks'}", "--data.num_classes=3", "--data.crop_size=32"])
 
 
 def _write_folder_set(root: Path, classes: tuple[str, ...] = ("road", "car", "sky")) -> Path:
@@ -188,7 +182,7 @@ def _write_folder_set(root: Path, classes: tuple[str, ...] = ("road", "car", "sk
 
 def test_folder_root_with_classes_json_and_eval_scale(tmp_path):
     root = _write_folder_set(tmp_path / "scenes")
-    data = FolderSegmentation(root=str(root), num_workers=0, eval_scale=0.5)
+    data = SegmentationDataModule(str(root), "folder", num_workers=0, eval_scale=0.5)
     assert data.class_names == ["road", "car", "sky"] and data.num_classes == 3
     assert [p[0].name for p in data.pairs("val")] == ["val0.jpg", "val1.jpg"]
     data.setup("validate")
@@ -197,15 +191,15 @@ def test_folder_root_with_classes_json_and_eval_scale(tmp_path):
     assert mask[10:20].unique().tolist() == [1] and mask[0].unique().tolist() == [255], "masks scaled nearest"
     (root / "classes.json").write_text('{"0": "road"}')
     with pytest.raises(ValueError, match=r"classes.json must hold a JSON list"):
-        FolderSegmentation(root=str(root))
+        SegmentationDataModule(str(root), "folder")
     with pytest.raises(ValueError, match=r"eval_scale must be in \(0, 1\]"):
-        FolderSegmentation(root=str(root), class_names=["a", "b", "c"], eval_scale=2)
+        SegmentationDataModule(str(root), "folder", class_names=["a", "b", "c"], eval_scale=2)
 
 
 def test_folder_root_logs_per_class_iou_and_predicts_at_full_size(tmp_path):
     root = _write_folder_set(tmp_path / "scenes")
-    data = ["--data.class_path=tasks.segmentation.data.FolderSegmentation", f"--data.init_args.root={root}",
-            "--data.init_args.crop_size=32", "--data.init_args.eval_scale=0.5"]
+    data = ["--data.format=folder", "--data.demo=false", f"--data.root={root}",
+            "--data.crop_size=32", "--data.eval_scale=0.5"]
     main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs=1", *data,
           f"--trainer.logger={{class_path: CSVLogger, init_args: {{save_dir: {tmp_path}, name: ''}}}}"])
     (metrics,) = tmp_path.glob("version_*/metrics.csv")
@@ -214,7 +208,7 @@ def test_folder_root_logs_per_class_iou_and_predicts_at_full_size(tmp_path):
     (checkpoint,) = tmp_path.glob("**/last.ckpt")
     out = tmp_path / "predictions"
     main(["predict", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), *data, f"--ckpt_path={checkpoint}",
-          f"--data.init_args.predict_dir={root / 'val' / 'images'}", f"--predictions.output={out}"])
+          f"--data.predict_dir={root / 'val' / 'images'}", f"--predictions.output={out}"])
     with Image.open(out / "val0.png") as mask:
         assert mask.size == (80, 60), "masks of downscaled evaluation come back at the image's size"
     assert (out / "val0_overlay.jpg").is_file()
@@ -227,7 +221,8 @@ def test_bad_masks_are_named(tmp_path):
     Image.fromarray(np.zeros((30, 32), dtype=np.uint8), mode="L").save(tmp_path / "masks" / "a.png")
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / "b.png")
     Image.fromarray(np.array([[0, 7], [9, 255]], dtype=np.uint8).repeat(16, 0).repeat(16, 1), mode="L").save(tmp_path / "masks" / "b.png")
-    data = FolderSegmentation(str(tmp_path / "images"), str(tmp_path / "masks"), val_images=str(tmp_path / "images"),
+    data = SegmentationDataModule(format="folder", images=str(tmp_path / "images"), masks=str(tmp_path / "masks"),
+                                  val_images=str(tmp_path / "images"),
                               val_masks=str(tmp_path / "masks"), num_classes=3, num_workers=0)
     data.setup("validate")
     with pytest.raises(InvalidMaskError, match=r"a.png is 32x30 \(WxH\) but its image .*a.png is 32x32"):
@@ -241,7 +236,7 @@ def test_bad_masks_are_named(tmp_path):
 
 def test_missing_voc_root_shows_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"VOC2012 does not exist; expected Pascal VOC"):
-        VOCSegmentation(str(tmp_path / "VOCdevkit"))
+        SegmentationDataModule(str(tmp_path / "VOCdevkit"))
 
 
 @pytest.mark.parametrize("output_stride, rates", [(8, (12, 24, 36)), (16, (6, 12, 18))])
@@ -306,9 +301,9 @@ def test_every_shipped_config_runs(config, voc_root, tmp_path, monkeypatch, appl
         root = tmp_path / "generated" / "VOCdevkit"
     if config.stem.startswith("camvid"):  # an image/mask folder set
         root = _write_folder_set(tmp_path / "scenes")
-    main(["fit", "--config", str(config), f"--data.init_args.root={root}", "--trainer.fast_dev_run=1",
-          "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--data.init_args.batch_size=2",
-          "--data.init_args.num_workers=0", "--data.init_args.crop_size=48", "--trainer.enable_progress_bar=false"])
+    main(["fit", "--config", str(config), f"--data.root={root}", "--trainer.fast_dev_run=1",
+          "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--data.batch_size=2",
+          "--data.num_workers=0", "--data.crop_size=48", "--trainer.enable_progress_bar=false"])
     if config.stem == "demo":  # prepare_data generated the demo set in VOC layout
         assert (root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").is_file()
 
@@ -318,7 +313,7 @@ def test_head_learning_rate_and_poly_schedule(voc_root):
 
     from tasks.common.optim import warmup_poly
 
-    data = VOCSegmentation(str(voc_root), demo=True, batch_size=2, val_batch_size=2, num_workers=0, crop_size=32)
+    data = SegmentationDataModule(str(voc_root), demo=True, batch_size=2, val_batch_size=2, num_workers=0, crop_size=32)
     task = SemanticSegmentationTask("s0", num_classes=4, output_stride=16, aspp_channels=16, lr=0.01, head_lr_multiplier=10)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
@@ -338,7 +333,7 @@ def test_head_learning_rate_and_poly_schedule(voc_root):
 def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, tmp_path):
     checkpoint = with_data_batchnorm(trained, SemanticSegmentationTask, lambda task: task.model, 64, tmp_path / "settled.ckpt")
     out = tmp_path / "exported"
-    run("export", tmp_path, f"--data.init_args.root={voc_root}", f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true",
+    run("export", tmp_path, f"--data.root={voc_root}", f"--ckpt_path={checkpoint}", f"--output={out}", "--int8=true",
         "--executorch=true", "--calibration_images=6", "--calibration_method=percentile")
     metadata = json.loads((out / "model.json").read_text())
     assert metadata["int8_calibration"] == {"images": 6, "onnx_method": "percentile", "onnx_scheme": default_int8_scheme(),
@@ -351,7 +346,7 @@ def test_export_to_int8_and_executorch_takes_any_image_size(voc_root, trained, t
         assert comparison["agreement_count"] == 3 * 64 * 64 and comparison["agreement"] >= 0.8 and comparison["relative_error"] < 0.4
 
     task = SemanticSegmentationTask.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    data = VOCSegmentation(root=str(voc_root), batch_size=2, num_workers=0, crop_size=48)
+    data = SegmentationDataModule(root=str(voc_root), batch_size=2, num_workers=0, crop_size=48)
     images = next(task.export_batches(data))
     x = torch.nn.functional.interpolate(images, size=(80, 48), mode="bilinear")  # another size than the validation images
     with torch.no_grad():

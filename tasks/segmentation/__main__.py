@@ -17,7 +17,7 @@ class SegmentationCLI(TaskCLI):
 def main(args: ArgsType = None, run: bool = True) -> TaskCLI:
     """The task's command line on ``args`` (default: ``sys.argv``); with ``run=False`` it only builds
     the model and data module from the options (``.model``, ``.datamodule``), without a subcommand."""
-    return SegmentationCLI(SemanticSegmentationTask, SegmentationDataModule, subclass_mode_data=True, args=args, run=run)
+    return SegmentationCLI(SemanticSegmentationTask, SegmentationDataModule, args=args, run=run)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,13 +31,14 @@ from tasks.common.data import (
 from tasks.common.demo import draw_shape, jittered_colour
 
 __all__ = [
-    "ADE20K",
     "CorruptImageError",
     "VOC_CLASSES",
-    "FolderSegmentation",
+    "Ade20kPairs",
+    "FolderPairs",
     "InvalidMaskError",
+    "PairLayout",
     "SegmentationDataModule",
-    "VOCSegmentation",
+    "VocPairs",
     "make_demo_voc",
     "read_mask",
     "voc_palette",
@@ -172,8 +175,161 @@ def pad_collate(ignore_index: int):
     return collate
 
 
+class PairLayout(ABC):
+    """Where a dataset's (image, mask) pairs are, what its labels name, and the layout expected
+    (for messages). ``label_offset``: subtracted from the stored labels (ADE20K's 1..150 -> 0..149)."""
+
+    class_names: list[str]
+    label_offset = 0
+    layout: str
+
+    @abstractmethod
+    def pairs(self, split: str) -> list[tuple[Path, Path]]:
+        """The (image, mask) files of ``split`` ("train" or "val")."""
+
+    def prepare(self, crop_size: int) -> None:  # noqa: B027 (most layouts generate nothing)
+        """Write what the layout generates (the demo set), once."""
+
+
+def _read_split_file(path: Path, layout: str) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {layout}")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _check_pairs(pairs: list[tuple[Path, Path]], layout: str) -> list[tuple[Path, Path]]:
+    for image, mask in pairs:
+        for path in (image, mask):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is listed but missing; {layout}")
+    return pairs
+
+
+class VocPairs(PairLayout):
+    """Pascal VOC 2012 under ``root`` (the ``VOCdevkit`` directory): 21 classes, 255 ignored.
+
+    With ``sbd_augmented`` (the usual "VOC-aug" setting) training reads
+    ``ImageSets/Segmentation/train_aug.txt`` and ``SegmentationClassAug/*.png`` (grayscale);
+    otherwise ``train.txt`` and ``SegmentationClass/*.png`` (palette). Validation is always
+    ``val.txt`` with ``SegmentationClass``. ``demo`` generates a small synthetic set in this layout
+    into ``root`` on first use (4 classes).
+    """
+
+    def __init__(self, root: Path, sbd_augmented: bool = False, demo: bool = False, demo_images: int = 160) -> None:
+        self.root, self.sbd_augmented, self.demo, self.demo_images = root, sbd_augmented, demo, demo_images
+        self.class_names = list(DEMO_CLASSES if demo else VOC_CLASSES)
+        self.voc = root / "VOC2012"
+        self.layout = (
+            f"expected Pascal VOC under {root}: VOC2012/JPEGImages/<id>.jpg, VOC2012/SegmentationClass/<id>.png, "
+            "VOC2012/ImageSets/Segmentation/{train,val}.txt (and for sbd_augmented: VOC2012/SegmentationClassAug/<id>.png, "
+            "VOC2012/ImageSets/Segmentation/train_aug.txt)"
+        )
+        if not demo and not self.voc.is_dir():
+            raise FileNotFoundError(f"{self.voc} does not exist; {self.layout}")
+
+    def prepare(self, crop_size: int) -> None:
+        if self.demo and not self.voc.is_dir():
+            make_demo_voc(self.root, self.demo_images, max(8, self.demo_images // 4), size=max(96, crop_size))
+
+    def pairs(self, split: str) -> list[tuple[Path, Path]]:
+        augmented = split == "train" and self.sbd_augmented
+        ids = _read_split_file(self.voc / "ImageSets" / "Segmentation" / ("train_aug.txt" if augmented else f"{split}.txt"), self.layout)
+        masks = self.voc / ("SegmentationClassAug" if augmented else "SegmentationClass")
+        return _check_pairs([(self.voc / "JPEGImages" / f"{i}.jpg", masks / f"{i}.png") for i in ids], self.layout)
+
+
+class Ade20kPairs(PairLayout):
+    """ADE20K scene parsing (``ADEChallengeData2016``): 150 classes; label 0 ("other") is ignored and
+    labels 1..150 become 0..149."""
+
+    label_offset = 1
+
+    def __init__(self, root: Path, class_names: list[str] | None = None) -> None:
+        self.root = root
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(1, 151)]
+        self.layout = f"expected ADE20K under {root}: images/{{training,validation}}/<name>.jpg and annotations/{{training,validation}}/<name>.png"
+        if not (root / "images").is_dir():
+            raise FileNotFoundError(f"{root / 'images'} does not exist; {self.layout}")
+
+    def pairs(self, split: str) -> list[tuple[Path, Path]]:
+        folder = "training" if split == "train" else "validation"
+        images = list_images(self.root / "images" / folder)
+        return _check_pairs([(p, self.root / "annotations" / folder / f"{p.stem}.png") for p in images], self.layout)
+
+
+class FolderPairs(PairLayout):
+    """Images and masks folders with matching file stems (palette or grayscale PNG masks).
+
+    Either ``root`` holding ``train/images``, ``train/masks``, ``val/images``, ``val/masks`` (and
+    optionally ``classes.json``, a list of class names in label order), or (taking precedence over
+    ``root``) the folders one by one: ``images`` / ``masks``, and for validation ``val_images`` /
+    ``val_masks``, else a deterministic ``val_fraction`` of the training pairs. Class names:
+    ``class_names``, else ``num_classes`` numbered ones, else ``root/classes.json``'s.
+    """
+
+    def __init__(
+        self,
+        root: Path | None,
+        images: str | None = None,
+        masks: str | None = None,
+        val_images: str | None = None,
+        val_masks: str | None = None,
+        val_fraction: float = 0.1,
+        class_names: list[str] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        if root is not None and images is None and masks is None:  # folders given one by one take precedence
+            images, masks = str(root / "train" / "images"), str(root / "train" / "masks")
+            val_images, val_masks = val_images or str(root / "val" / "images"), val_masks or str(root / "val" / "masks")
+            classes_file = root / "classes.json"
+            if class_names is None and num_classes is None and classes_file.is_file():
+                class_names = json.loads(classes_file.read_text())
+                if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
+                    raise ValueError(f"{classes_file} must hold a JSON list of class names in label order")
+        if images is None or masks is None:
+            raise ValueError("format folder needs root, or images and masks")
+        if class_names is None and num_classes is None:
+            raise ValueError("format folder needs class_names (or num_classes, or root/classes.json)")
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        self.images, self.masks = Path(images), Path(masks)
+        self.val_images = Path(val_images) if val_images else None
+        self.val_masks = Path(val_masks) if val_masks else None
+        self.val_fraction = val_fraction
+        self.layout = "expected images/<stem>.jpg and masks/<stem>.png"
+        for directory in (self.images, self.masks):
+            if not directory.is_dir():
+                raise FileNotFoundError(f"{directory} does not exist; {self.layout}")
+
+    @staticmethod
+    def _match(images: Path, masks: Path) -> list[tuple[Path, Path]]:
+        by_stem = {p.stem: p for p in masks.iterdir() if p.suffix.lower() == ".png"}
+        pairs = [(p, by_stem.get(p.stem)) for p in list_images(images)]
+        unmatched = [str(p) for p, m in pairs if m is None]
+        if unmatched:
+            raise FileNotFoundError(f"{len(unmatched)} images have no mask <stem>.png in {masks}, e.g. {unmatched[:3]}")
+        return pairs
+
+    def pairs(self, split: str) -> list[tuple[Path, Path]]:
+        if self.val_images is not None:
+            return self._match(*((self.images, self.masks) if split == "train" else (self.val_images, self.val_masks)))
+        pairs = self._match(self.images, self.masks)
+        held_out = set(random.Random(0).sample(range(len(pairs)), max(1, round(len(pairs) * self.val_fraction))))
+        return [p for i, p in enumerate(pairs) if (i in held_out) == (split == "val")]
+
+
+FORMATS = ("voc", "ade20k", "folder")
+
+
 class SegmentationDataModule(BaseDataModule):
-    """Shared loading, augmentation and validation; subclasses say where the (image, mask) pairs are.
+    """Semantic segmentation data in the Pascal VOC, ADE20K or image/mask folder layout (``format``),
+    and the demo set.
+
+    - ``voc``: Pascal VOC 2012 under ``root`` (the ``VOCdevkit`` directory; ``sbd_augmented`` for
+      VOC-aug training), 21 classes; ``demo`` generates a small synthetic set in this layout.
+    - ``ade20k``: ``ADEChallengeData2016`` under ``root``, 150 classes (names: ``class_names``).
+    - ``folder``: ``root/{train,val}/{images,masks}`` (+ ``root/classes.json``), or the folders one
+      by one (``images``, ``masks``, ``val_images``, ``val_masks``; else ``val_fraction`` of the
+      training pairs); ``class_names`` or ``num_classes`` unless ``classes.json`` names them.
 
     Training: random scale (``scale_range``), random crop ``crop_size`` (padding images with 0 and
     masks with ``ignore_index``), horizontal flip, photometric jitter, normalization. Evaluation and
@@ -188,11 +344,18 @@ class SegmentationDataModule(BaseDataModule):
     ``num_classes``, ``class_names`` and ``ignore_index`` are linked into the model by the CLI.
     """
 
-    class_names: list[str]
-    label_offset = 0
-
     def __init__(
         self,
+        root: str | None = None,
+        format: Literal["voc", "ade20k", "folder"] = "voc",
+        class_names: list[str] | None = None,
+        num_classes: int | None = None,
+        sbd_augmented: bool = False,
+        images: str | None = None,
+        masks: str | None = None,
+        val_images: str | None = None,
+        val_masks: str | None = None,
+        val_fraction: float = 0.1,
         batch_size: int = 8,
         val_batch_size: int = 1,
         num_workers: int = 4,
@@ -206,10 +369,33 @@ class SegmentationDataModule(BaseDataModule):
         predict_dir: str | None = None,
         eval_scale: float = 1.0,
         skip_corrupt: bool = False,
+        demo: bool = False,
+        demo_images: int = 160,
     ) -> None:
         super().__init__(batch_size, val_batch_size, num_workers, pin_memory, persistent_workers, skip_corrupt)
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
         if not 0 < eval_scale <= 1:
             raise ValueError(f"eval_scale must be in (0, 1], got {eval_scale}")
+        folder_options = {"images": images, "masks": masks, "val_images": val_images, "val_masks": val_masks}
+        given = [name for name, value in {**folder_options, "num_classes": num_classes}.items() if value is not None]
+        if format != "folder" and given:
+            raise ValueError(f"{', '.join(given)}: options of format folder, not {format}")
+        if demo and format != "voc":
+            raise ValueError("demo generates a Pascal VOC-layout set: it needs format voc")
+        base = Path(root) if root is not None else None
+        if format != "folder" and base is None:
+            raise ValueError(f"format {format} needs root")
+        if format == "voc":
+            if class_names is not None:
+                raise ValueError("class_names is for format ade20k or folder: Pascal VOC has its 21 classes")
+            self.layout: PairLayout = VocPairs(base, sbd_augmented, demo, demo_images)
+        elif format == "ade20k":
+            self.layout = Ade20kPairs(base, class_names)
+        else:
+            self.layout = FolderPairs(base, **folder_options, val_fraction=val_fraction, class_names=class_names, num_classes=num_classes)
+        self.format = format
+        self.class_names = self.layout.class_names
         self.eval_scale = eval_scale
         self.crop_size = crop_size
         self.scale_range = tuple(scale_range)
@@ -221,9 +407,12 @@ class SegmentationDataModule(BaseDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def prepare_data(self) -> None:
+        self.layout.prepare(self.crop_size)
+
     def pairs(self, split: str) -> list[tuple[Path, Path]]:
         """The (image, mask) files of ``split`` ("train" or "val")."""
-        raise NotImplementedError
+        return self.layout.pairs(split)
 
     def _normalize(self) -> list[v2.Transform]:
         return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(self.mean, self.std)]
@@ -246,9 +435,9 @@ class SegmentationDataModule(BaseDataModule):
     def _dataset(self, split: str, transform: v2.Transform) -> SegmentationPairs:
         pairs = self.pairs(split)
         if not pairs:
-            raise FileNotFoundError(f"{type(self).__name__}: no (image, mask) pairs found for the {split} split")
-        return SegmentationPairs(pairs, transform, self.num_classes, self.ignore_index, self.label_offset, self.skip_corrupt,
-                                 source=f"{type(self).__name__} {split} split")
+            raise FileNotFoundError(f"no (image, mask) pairs found for the {split} split; {self.layout.layout}")
+        return SegmentationPairs(pairs, transform, self.num_classes, self.ignore_index, self.layout.label_offset, self.skip_corrupt,
+                                 source=f"{self.format} {split} split")
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -262,143 +451,6 @@ class SegmentationDataModule(BaseDataModule):
 
     def collate_fn(self, dataset: Dataset) -> Callable:
         return pad_collate(self.ignore_index)
-
-
-def _read_split_file(path: Path, layout: str) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; {layout}")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-
-
-def _check_pairs(pairs: list[tuple[Path, Path]], layout: str) -> list[tuple[Path, Path]]:
-    for image, mask in pairs:
-        for path in (image, mask):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is listed but missing; {layout}")
-    return pairs
-
-
-class VOCSegmentation(SegmentationDataModule):
-    """Pascal VOC 2012 under ``root`` (the ``VOCdevkit`` directory): 21 classes, 255 ignored.
-
-    With ``sbd_augmented`` (the usual "VOC-aug" setting) training reads
-    ``ImageSets/Segmentation/train_aug.txt`` and ``SegmentationClassAug/*.png`` (grayscale);
-    otherwise ``train.txt`` and ``SegmentationClass/*.png`` (palette). Validation is always
-    ``val.txt`` with ``SegmentationClass``. ``demo`` generates a small synthetic set in this layout
-    into ``root`` on first use (4 classes).
-    """
-
-    def __init__(self, root: str, sbd_augmented: bool = False, demo: bool = False, demo_images: int = 160, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.root = Path(root)
-        self.sbd_augmented = sbd_augmented
-        self.demo = demo
-        self.demo_images = demo_images
-        self.class_names = list(DEMO_CLASSES if demo else VOC_CLASSES)
-        self.voc = self.root / "VOC2012"
-        self.layout = (
-            f"expected Pascal VOC under {self.root}: VOC2012/JPEGImages/<id>.jpg, VOC2012/SegmentationClass/<id>.png, "
-            "VOC2012/ImageSets/Segmentation/{train,val}.txt (and for sbd_augmented: VOC2012/SegmentationClassAug/<id>.png, "
-            "VOC2012/ImageSets/Segmentation/train_aug.txt)"
-        )
-        if not demo and not self.voc.is_dir():
-            raise FileNotFoundError(f"{self.voc} does not exist; {self.layout}")
-
-    def prepare_data(self) -> None:
-        if self.demo and not self.voc.is_dir():
-            make_demo_voc(self.root, self.demo_images, max(8, self.demo_images // 4), size=max(96, self.crop_size))
-
-    def pairs(self, split: str) -> list[tuple[Path, Path]]:
-        augmented = split == "train" and self.sbd_augmented
-        ids = _read_split_file(self.voc / "ImageSets" / "Segmentation" / ("train_aug.txt" if augmented else f"{split}.txt"), self.layout)
-        masks = self.voc / ("SegmentationClassAug" if augmented else "SegmentationClass")
-        return _check_pairs([(self.voc / "JPEGImages" / f"{i}.jpg", masks / f"{i}.png") for i in ids], self.layout)
-
-
-class ADE20K(SegmentationDataModule):
-    """ADE20K scene parsing (``ADEChallengeData2016``): 150 classes; label 0 ("other") is ignored and
-    labels 1..150 become 0..149."""
-
-    label_offset = 1
-
-    def __init__(self, root: str, class_names: list[str] | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.root = Path(root)
-        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(1, 151)]
-        self.layout = (
-            f"expected ADE20K under {self.root}: images/{{training,validation}}/<name>.jpg and "
-            "annotations/{training,validation}/<name>.png"
-        )
-        if not (self.root / "images").is_dir():
-            raise FileNotFoundError(f"{self.root / 'images'} does not exist; {self.layout}")
-
-    def pairs(self, split: str) -> list[tuple[Path, Path]]:
-        folder = "training" if split == "train" else "validation"
-        images = list_images(self.root / "images" / folder)
-        return _check_pairs([(p, self.root / "annotations" / folder / f"{p.stem}.png") for p in images], self.layout)
-
-
-class FolderSegmentation(SegmentationDataModule):
-    """Any images/masks folder pair with matching file stems (palette or grayscale PNG masks).
-
-    Either ``root`` holding ``train/images``, ``train/masks``, ``val/images``, ``val/masks`` (and
-    optionally ``classes.json``, a list of class names in label order), or (taking precedence over
-    ``root``) the folders one by one:
-    ``images`` / ``masks``, and for validation ``val_images`` / ``val_masks``, else a deterministic
-    ``val_fraction`` of the training pairs. Give ``class_names`` (or ``num_classes``) unless
-    ``root/classes.json`` has them.
-    """
-
-    def __init__(
-        self,
-        images: str | None = None,
-        masks: str | None = None,
-        val_images: str | None = None,
-        val_masks: str | None = None,
-        val_fraction: float = 0.1,
-        class_names: list[str] | None = None,
-        num_classes: int | None = None,
-        root: str | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        if root is not None and images is None and masks is None:  # folders given one by one take precedence
-            base = Path(root)
-            images, masks = str(base / "train" / "images"), str(base / "train" / "masks")
-            val_images, val_masks = val_images or str(base / "val" / "images"), val_masks or str(base / "val" / "masks")
-            classes_file = base / "classes.json"
-            if class_names is None and num_classes is None and classes_file.is_file():
-                class_names = json.loads(classes_file.read_text())
-                if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
-                    raise ValueError(f"{classes_file} must hold a JSON list of class names in label order")
-        if images is None or masks is None:
-            raise ValueError("FolderSegmentation needs root, or images and masks")
-        if class_names is None and num_classes is None:
-            raise ValueError("FolderSegmentation needs class_names (or num_classes, or root/classes.json)")
-        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
-        self.images, self.masks = Path(images), Path(masks)
-        self.val_images = Path(val_images) if val_images else None
-        self.val_masks = Path(val_masks) if val_masks else None
-        self.val_fraction = val_fraction
-        for directory in (self.images, self.masks):
-            if not directory.is_dir():
-                raise FileNotFoundError(f"{directory} does not exist; expected images/<stem>.jpg and masks/<stem>.png")
-
-    @staticmethod
-    def _match(images: Path, masks: Path) -> list[tuple[Path, Path]]:
-        by_stem = {p.stem: p for p in masks.iterdir() if p.suffix.lower() == ".png"}
-        pairs = [(p, by_stem.get(p.stem)) for p in list_images(images)]
-        unmatched = [str(p) for p, m in pairs if m is None]
-        if unmatched:
-            raise FileNotFoundError(f"{len(unmatched)} images have no mask <stem>.png in {masks}, e.g. {unmatched[:3]}")
-        return pairs
-
-    def pairs(self, split: str) -> list[tuple[Path, Path]]:
-        if self.val_images is not None:
-            return self._match(*((self.images, self.masks) if split == "train" else (self.val_images, self.val_masks)))
-        pairs = self._match(self.images, self.masks)
-        held_out = set(random.Random(0).sample(range(len(pairs)), max(1, round(len(pairs) * self.val_fraction))))
-        return [p for i, p in enumerate(pairs) if (i in held_out) == (split == "val")]
 
 
 def _textured_background(size: int, rng: random.Random) -> Image.Image:
