@@ -195,7 +195,7 @@ def run_one(setting: Setting, backbone: str, datasets_root: Path, work_root: Pat
     output = work / "predictions"
     writer = {
         "classification": ["--predictions.output", str(output / "predictions.csv")],
-        "detection": ["--predictions.output", str(output), f"--predictions.score_threshold={DRAWN_SCORE}"],
+        "detection": ["--predictions.output", str(output), f"--predictions.draw_threshold={DRAWN_SCORE}"],
         "segmentation": ["--predictions.output", str(output)],
     }[setting.task]
     _run([*task, "predict", *common, f"--ckpt_path={checkpoint}", f"--data.predict_dir={inputs}",

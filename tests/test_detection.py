@@ -92,7 +92,7 @@ def test_validate_prints_coco_table(coco_root, trained, tmp_path, caplog):
 def test_predict_writes_results_json_and_drawings(coco_root, trained, tmp_path):
     out = tmp_path / "predictions"
     run("predict", coco_root, tmp_path, f"--ckpt_path={trained}", f"--data.predict_dir={coco_root / 'val2017'}",
-        f"--predictions.output={out}", "--predictions.score_threshold=0.0")
+        f"--predictions.output={out}", "--predictions.draw_threshold=0.0")
     results = json.loads((out / "detections.json").read_text())
     assert results and {r["category_id"] for r in results} <= {1, 2, 3}
     assert all(len(r["bbox"]) == 4 and 0 <= r["score"] <= 1 for r in results)
@@ -116,7 +116,7 @@ def test_predictions_carry_the_datasets_category_ids_without_reading_validation(
     monkeypatch.setattr(formats, "read_coco_json", lambda path, read=formats.read_coco_json: parsed.append(Path(path).name) or read(path))
     out = tmp_path / "predictions"
     run("predict", tmp_path, tmp_path, f"--ckpt_path={trained}", f"--data.predict_dir={coco_root / 'val2017'}",
-        f"--predictions.output={out}", "--predictions.score_threshold=0.0")
+        f"--predictions.output={out}", "--predictions.draw_threshold=0.0")
     assert parsed == ["instances_train2017.json"]
     results = json.loads((out / "detections.json").read_text())
     assert results and {r["category_id"] for r in results} <= {11, 22, 33}

@@ -25,6 +25,7 @@ from tasks.common.data import (
     ImageFiles,
     PredictImages,
     collate_predict_batch,
+    evaluated_split,
     list_images,
 )
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
@@ -137,7 +138,10 @@ class ImageFolderDataModule(BaseDataModule):
     Args:
         root: dataset root.
         train_split / val_split: split directory names under ``root``.
-        batch_size: images per device and step.
+        test_split: the split ``test`` evaluates (a directory under ``root`` in the same layout);
+            default: the validation split.
+        batch_size: images per device and training step.
+        val_batch_size: images per device and step of validation, test and predict (default: ``batch_size``).
         num_workers / pin_memory / persistent_workers: DataLoader settings.
         image_size: training crop size (``ProgressiveResolution`` changes it during fit).
         eval_resize / eval_image_size: validation resize of the short side, then centre crop.
@@ -168,7 +172,9 @@ class ImageFolderDataModule(BaseDataModule):
         root: str,
         train_split: str = "train",
         val_split: str = "val",
+        test_split: str | None = None,
         batch_size: int = 64,
+        val_batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -186,10 +192,10 @@ class ImageFolderDataModule(BaseDataModule):
         demo_images_per_class: int = 160,
         unlabelled_train: bool = False,
     ) -> None:
-        super().__init__(batch_size, batch_size, num_workers, pin_memory, persistent_workers, skip_corrupt)
+        super().__init__(batch_size, val_batch_size or batch_size, num_workers, pin_memory, persistent_workers, skip_corrupt)
         self.save_hyperparameters()
         self.root = Path(root)
-        self.train_split, self.val_split = train_split, val_split
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self._image_size = SharedImageSize(image_size)
         if demo:
             self.class_folders = list(DEMO_CLASSES)
@@ -293,7 +299,8 @@ class ImageFolderDataModule(BaseDataModule):
         if stage in ("fit", "validate"):
             self.val_dataset = LabelledImages(self._samples(val), self.eval_transform(), skip, str(self.root / val))
         if stage == "test":
-            self.test_dataset = LabelledImages(self._samples(val), self.eval_transform(), skip, str(self.root / val))
+            test = evaluated_split(self.test_split, val)
+            self.test_dataset = LabelledImages(self._samples(test), self.eval_transform(), skip, str(self.root / test))
         if stage == "predict":
             if self.hparams.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images to classify")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import warnings
@@ -19,6 +20,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from tasks.common.sampling import SeededDataset, SeededShuffleSampler, evaluation_sampler, global_seed, training_position
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BaseDataModule",
@@ -293,16 +296,23 @@ class ReportSkippedImages(pl.Callback):
         self.datamodule.report_skipped("predict_dataset", "in predict (left out of the predictions)")
 
 
+def evaluated_split(test_split: str | None, val_split: str) -> str:
+    """The split ``test`` evaluates: ``test_split`` if the data names one, else the validation split (said in the log)."""
+    if test_split is None:
+        log.info("no test split given: test evaluates the validation split (%s)", val_split)
+        return val_split
+    return test_split
+
+
 class BaseDataModule(pl.LightningDataModule):
     """The loaders every task's data module shares: one ``make_loader`` per split, ``batch_size``
     for training and ``val_batch_size`` for validation, test and predict, the collate function
-    that ``collate_fn(dataset)`` gives (default: torch's). ``test`` evaluates ``test_dataset``
-    when ``setup`` made one, else the validation split.
+    that ``collate_fn(dataset)`` gives (default: torch's).
 
     A subclass passes the loader settings to ``__init__`` (``batch_size``, ``val_batch_size``,
     ``num_workers``, ``pin_memory``, ``persistent_workers``, ``skip_corrupt``), sets
-    ``train_dataset`` / ``val_dataset`` (and ``test_dataset``, ``predict_dataset`` where it has
-    them) in ``setup``, and ``mean`` / ``std`` where its transforms normalize the images (read by
+    ``train_dataset`` / ``val_dataset`` / ``test_dataset`` (its ``test_split``, or the validation
+    split: ``evaluated_split``) / ``predict_dataset`` in ``setup``, and ``mean`` / ``std`` where its transforms normalize the images (read by
     the task's ``input_normalization``).
 
     Bad input, the same in every task: an unreadable image file is an error naming it, unless the
@@ -317,7 +327,8 @@ class BaseDataModule(pl.LightningDataModule):
     """
 
     train_dataset: Dataset  # set by setup("fit")
-    val_dataset: Dataset  # set by setup("fit"), setup("validate") and setup("test")
+    val_dataset: Dataset  # set by setup("fit") and setup("validate")
+    test_dataset: Dataset  # set by setup("test")
 
     def __init__(
         self,
@@ -380,8 +391,7 @@ class BaseDataModule(pl.LightningDataModule):
         return self.loader(self.val_dataset, self.val_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        test = getattr(self, "test_dataset", None)
-        return self.loader(self.val_dataset if test is None else test, self.val_batch_size, shuffle=False)
+        return self.loader(self.test_dataset, self.val_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader(self.predict_dataset, self.val_batch_size, shuffle=False)

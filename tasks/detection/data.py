@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from backbones.atomic import atomic_write_dir
-from tasks.common.data import BaseDataModule, ImageFiles, PredictImages
+from tasks.common.data import BaseDataModule, ImageFiles, PredictImages, evaluated_split
 from tasks.common.demo import draw_clutter, draw_shape, jittered_colour
 from tasks.detection.formats import (
     AnnotationReader,
@@ -294,6 +294,10 @@ class COCODetection(BaseDataModule):
     - ``yolo``: ``root/images/<split>/<name>.jpg`` + ``root/labels/<split>/<name>.txt`` for the
       splits ``train_split`` / ``val_split``; images without labels are kept as negatives.
 
+    ``test`` evaluates the test split where one is named (coco: ``test_ann`` with ``test_images``,
+    default ``root/test2017``; voc and yolo: ``test_split``, or ``test_images`` for a folder of
+    pairs), else the validation split.
+
     For voc and yolo the categories are ``class_names`` if given (ids 1..K in that order; objects
     of other classes are dropped and counted, or an error with ``strict``), else for voc the
     sorted names in the training split's XML files, for yolo ``root/data.yaml``'s ``names`` or
@@ -323,10 +327,13 @@ class COCODetection(BaseDataModule):
         train_images: str | None = None,
         val_ann: str | None = None,
         val_images: str | None = None,
+        test_ann: str | None = None,
+        test_images: str | None = None,
         format: Literal["coco", "voc", "yolo"] = "coco",
         class_names: list[str] | None = None,
         train_split: str = "train",
         val_split: str = "val",
+        test_split: str | None = None,
         image_size: int = 320,
         zoom_out: float = 4.0,
         iou_crop: bool = True,
@@ -347,7 +354,8 @@ class COCODetection(BaseDataModule):
         if demo and format != "coco":
             raise ValueError("demo generates a COCO-format set: it needs format coco")
         self.reader: AnnotationReader = annotation_reader(
-            format, root, train_ann, train_images, val_ann, val_images, train_split, val_split, class_names, strict
+            format, root, train_ann, train_images, val_ann, val_images, train_split, val_split, class_names, strict,
+            test_split, test_ann, test_images,
         )
         self.root = Path(root) if root else None
         self.image_size = image_size
@@ -404,14 +412,17 @@ class COCODetection(BaseDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.train_dataset = CocoImages(self.annotations("train"), train=True, transform=self.train_transform(), skip_corrupt=self.skip_corrupt)
-        if stage in ("fit", "validate", "test"):
+        if stage in ("fit", "validate"):
             self.val_dataset = CocoImages(self.annotations("val"), train=False, transform=self.eval_transform(), skip_corrupt=self.skip_corrupt)
+        if stage == "test":
+            split = evaluated_split("test" if "test" in self.reader.splits else None, "val")
+            self.test_dataset = CocoImages(self.annotations(split), train=False, transform=self.eval_transform(), skip_corrupt=self.skip_corrupt)
         if stage == "predict":
             if self.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images")
             self.predict_dataset = PredictImages(self.predict_dir, v2.ToDtype(torch.float32, scale=True), self.skip_corrupt)
 
-    def annotations(self, split: Literal["train", "val"]) -> CocoAnnotations:
+    def annotations(self, split: Literal["train", "val", "test"]) -> CocoAnnotations:
         """A split's annotations, read (once a run: kept for later stages) and checked to have the training set's categories."""
         if split not in self._annotations:
             coco = CocoAnnotations.from_converted(self.reader.read(split), self.strict)

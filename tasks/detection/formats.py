@@ -584,8 +584,13 @@ def annotation_reader(
     val_split: str = "val",
     class_names: Sequence[str] | None = None,
     strict: bool = False,
+    test_split: str | None = None,
+    test_ann: str | os.PathLike | None = None,
+    test_images: str | os.PathLike | None = None,
 ) -> AnnotationReader:
-    """The reader of a dataset's ``"train"`` and ``"val"`` splits in ``format``:
+    """The reader of a dataset's ``"train"`` and ``"val"`` splits in ``format``, and its ``"test"``
+    split where one is named (``test_ann`` [+ ``test_images``] for coco; ``test_split`` for the
+    others, or ``test_images`` for voc folders):
 
     - ``coco``: COCO 2017 under ``root`` (``annotations/instances_{train,val}2017.json``,
       ``{train,val}2017/``), or any json + image directory via ``train_ann`` / ``train_images`` /
@@ -601,8 +606,10 @@ def annotation_reader(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     base = Path(root) if root is not None else None
-    splits = {"train": train_split, "val": val_split}
+    splits = {"train": train_split, "val": val_split, **({"test": test_split} if test_split is not None else {})}
     if format == "coco":
+        if test_split is not None:
+            raise ValueError("test_split names a split of the voc and yolo layouts: give format coco's test split as test_ann / test_images")
         if base is None and (train_ann is None or val_ann is None):
             raise ValueError("give root (COCO 2017 layout) or train_ann/train_images and val_ann/val_images")
         if class_names is not None:
@@ -611,17 +618,23 @@ def annotation_reader(
             "train": (train_ann or base / "annotations" / "instances_train2017.json", train_images or base / "train2017"),
             "val": (val_ann or base / "annotations" / "instances_val2017.json", val_images or base / "val2017"),
         }
+        if test_ann is not None:
+            if test_images is None and base is None:
+                raise ValueError("test_ann needs test_images (or root, whose test2017/ holds the images)")
+            files["test"] = (test_ann, test_images or base / "test2017")
+        elif test_images is not None:
+            raise ValueError("test_images needs test_ann: the COCO json file of the test images")
         hint = f"expected COCO 2017 under {root}: {COCO_LAYOUT}, or pass train_ann / train_images / val_ann / val_images"
         return CocoFiles(files, strict, missing_hint=hint)
-    if train_ann is not None or val_ann is not None:
-        raise ValueError(f"train_ann / val_ann are COCO json files; format {format} reads its annotation files from root")
+    if train_ann is not None or val_ann is not None or test_ann is not None:
+        raise ValueError(f"train_ann / val_ann / test_ann are COCO json files; format {format} reads its annotation files from root")
     if format == "yolo":
-        if base is None or train_images is not None or val_images is not None:
-            raise ValueError("format yolo needs root (images/<split>/, labels/<split>/) and no train_images / val_images")
+        if base is None or train_images is not None or val_images is not None or test_images is not None:
+            raise ValueError("format yolo needs root (images/<split>/, labels/<split>/) and no train_images / val_images / test_images")
         return YoloLayout(base, splits, class_names, strict)
     if base is not None and (base / "Annotations").is_dir():
-        if train_images is not None or val_images is not None:
-            raise ValueError(f"{base} has the Pascal VOC layout (Annotations/): train_images / val_images are for folders of pairs")
+        if train_images is not None or val_images is not None or test_images is not None:
+            raise ValueError(f"{base} has the Pascal VOC layout (Annotations/): train_images / val_images / test_images are for folders of pairs")
         return VocLayout(base, splits, class_names, strict)
     if base is None and (train_images is None or val_images is None):
         raise ValueError("format voc needs root, or train_images and val_images (folders of <name>.jpg + <name>.xml pairs)")
@@ -633,4 +646,9 @@ def annotation_reader(
             f"{train_split}/ and {val_split}/ of <name>.jpg + <name>.xml pairs (or pass train_images / val_images)"
             if train_images is None else f"{train} does not exist; expected a folder of <name>.jpg + <name>.xml pairs"
         )
-    return VocFolders({"train": train, "val": val}, class_names, strict)
+    folders = {"train": train, "val": val}
+    if test_images is not None or test_split is not None:
+        if test_images is None and base is None:
+            raise ValueError("test_split needs root (root/<test_split>/ holds the pairs), or give test_images")
+        folders["test"] = Path(test_images) if test_images else base / test_split
+    return VocFolders(folders, class_names, strict)

@@ -265,13 +265,13 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
     Args:
         output: folder for ``detections.json`` and the drawings (created; files of the same name
             replaced); default ``predictions/`` under ``trainer.default_root_dir``.
-        score_threshold: smallest score of a box drawn (``detections.json`` holds every detection kept).
+        draw_threshold: smallest score of a box drawn (``detections.json`` holds every detection kept).
     """
 
-    def __init__(self, output: str | None = None, score_threshold: float = 0.3) -> None:
+    def __init__(self, output: str | None = None, draw_threshold: float = 0.3) -> None:
         super().__init__(write_interval="epoch")
         self.output = output
-        self.score_threshold = score_threshold
+        self.draw_threshold = draw_threshold
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         folder = Path(run_output(trainer, self.output, "predictions"))
@@ -286,7 +286,7 @@ class DetectionWriter(pl.callbacks.BasePredictionWriter):
                     "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
                     "score": round(score, 5),
                 })
-            keep = item["scores"] >= self.score_threshold
+            keep = item["scores"] >= self.draw_threshold
             with Image.open(item["path"]) as original:
                 image = torch.from_numpy(np.asarray(original.convert("RGB")).copy()).permute(2, 0, 1)
             labels = [f"{names[int(label)]} {s:.2f}" for label, s in zip(item["labels"][keep], item["scores"][keep])]

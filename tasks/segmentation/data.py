@@ -26,6 +26,7 @@ from tasks.common.data import (
     CorruptImageError,
     ImageFiles,
     PredictImages,
+    evaluated_split,
     list_images,
 )
 from tasks.common.demo import draw_shape, jittered_colour
@@ -185,7 +186,7 @@ class PairLayout(ABC):
 
     @abstractmethod
     def pairs(self, split: str) -> list[tuple[Path, Path]]:
-        """The (image, mask) files of ``split`` ("train" or "val")."""
+        """The (image, mask) files of ``split``: "train", "val", or the name of another split in the layout."""
 
     def prepare(self, crop_size: int) -> None:  # noqa: B027 (most layouts generate nothing)
         """Write what the layout generates (the demo set), once."""
@@ -252,7 +253,7 @@ class Ade20kPairs(PairLayout):
             raise FileNotFoundError(f"{root / 'images'} does not exist; {self.layout}")
 
     def pairs(self, split: str) -> list[tuple[Path, Path]]:
-        folder = "training" if split == "train" else "validation"
+        folder = {"train": "training", "val": "validation"}.get(split, split)
         images = list_images(self.root / "images" / folder)
         return _check_pairs([(p, self.root / "annotations" / folder / f"{p.stem}.png") for p in images], self.layout)
 
@@ -295,6 +296,7 @@ class FolderPairs(PairLayout):
         self.val_images = Path(val_images) if val_images else None
         self.val_masks = Path(val_masks) if val_masks else None
         self.val_fraction = val_fraction
+        self.root = root
         self.layout = "expected images/<stem>.jpg and masks/<stem>.png"
         for directory in (self.images, self.masks):
             if not directory.is_dir():
@@ -310,6 +312,10 @@ class FolderPairs(PairLayout):
         return pairs
 
     def pairs(self, split: str) -> list[tuple[Path, Path]]:
+        if split not in ("train", "val"):
+            if self.root is None:
+                raise ValueError(f"the {split!r} split of format folder is root/{split}/{{images,masks}}: give root")
+            return self._match(self.root / split / "images", self.root / split / "masks")
         if self.val_images is not None:
             return self._match(*((self.images, self.masks) if split == "train" else (self.val_images, self.val_masks)))
         pairs = self._match(self.images, self.masks)
@@ -330,6 +336,10 @@ class SegmentationDataModule(BaseDataModule):
     - ``folder``: ``root/{train,val}/{images,masks}`` (+ ``root/classes.json``), or the folders one
       by one (``images``, ``masks``, ``val_images``, ``val_masks``; else ``val_fraction`` of the
       training pairs); ``class_names`` or ``num_classes`` unless ``classes.json`` names them.
+
+    ``test`` evaluates ``test_split`` where given (voc: ``ImageSets/Segmentation/<test_split>.txt``;
+    ade20k: ``images/<test_split>/``, ``annotations/<test_split>/``; folder:
+    ``root/<test_split>/{images,masks}``), else the validation split.
 
     Training: random scale (``scale_range``), random crop ``crop_size`` (padding images with 0 and
     masks with ``ignore_index``), horizontal flip, photometric jitter, normalization. Evaluation and
@@ -356,6 +366,7 @@ class SegmentationDataModule(BaseDataModule):
         val_images: str | None = None,
         val_masks: str | None = None,
         val_fraction: float = 0.1,
+        test_split: str | None = None,
         batch_size: int = 8,
         val_batch_size: int = 1,
         num_workers: int = 4,
@@ -402,6 +413,7 @@ class SegmentationDataModule(BaseDataModule):
         self.ignore_index = ignore_index
         self.mean, self.std = list(mean), list(std)
         self.predict_dir = predict_dir
+        self.test_split = test_split
 
     @property
     def num_classes(self) -> int:
@@ -442,8 +454,10 @@ class SegmentationDataModule(BaseDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.train_dataset = self._dataset("train", self.train_transform())
-        if stage in ("fit", "validate", "test"):
+        if stage in ("fit", "validate"):
             self.val_dataset = self._dataset("val", self.eval_transform())
+        if stage == "test":
+            self.test_dataset = self._dataset(evaluated_split(self.test_split, "val"), self.eval_transform())
         if stage == "predict":
             if self.predict_dir is None:
                 raise ValueError("predict needs --data.predict_dir: a directory of images to segment")
