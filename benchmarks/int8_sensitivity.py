@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "real_data", help="benchmarks.real_data's --work-dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backbone", default="mobileone")
+    parser.add_argument("--backbone", default="mobileone_s0")
     parser.add_argument("--calibration-images", type=int, default=256)
     parser.add_argument("--images", type=int, default=32, help="validation images of the per-layer errors")
     parser.add_argument("--float-layers", type=int, default=5, help="most sensitive layers kept float32 in the last remedy")

@@ -39,6 +39,7 @@ from pathlib import Path
 from backbones.atomic import atomic_write_file
 from benchmarks.machine import describe_machine
 from tasks.classification.module import ImageClassificationTask
+from tasks.common.backbones import MOBILEONE_BACKBONES
 from tasks.common.module import BaseTask
 from tasks.detection.module import ObjectDetectionTask
 from tasks.segmentation.module import SemanticSegmentationTask
@@ -46,7 +47,7 @@ from tasks.segmentation.module import SemanticSegmentationTask
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASETS = Path(os.environ.get("MOBILEONE_DATASETS", ROOT.parent / "shared" / "datasets"))
 DEFAULT_WEIGHTS = Path(os.environ.get("MOBILEONE_WEIGHTS", ROOT.parent / "shared" / "weights"))
-WEIGHT_FILES = {"mobileone": "mobileone_s0.pth.tar", "mobilenet_v2": "mobilenet_v2_imagenet_dequantized.pth"}  # under --weights-root
+WEIGHT_FILES = {"mobileone_s0": "mobileone_s0.pth.tar", "mobilenet_v2": "mobilenet_v2_imagenet_dequantized.pth"}  # under --weights-root
 SCRATCH, IMAGENET = "scratch", "imagenet"  # how a run starts
 SECTION_BEGIN = "<!-- real-data benchmark: begin (written by python -m benchmarks.real_data) -->"
 SECTION_END = "<!-- real-data benchmark: end -->"
@@ -221,8 +222,8 @@ def reference_top1(backbone: str, weights: str, images: Path) -> tuple[float, fl
     from benchmarks.int8_schemes import imagenet_sample
     from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 
-    if backbone == "mobileone":
-        network = mobileone("s0", inference_mode=True)
+    if backbone in MOBILEONE_BACKBONES:  # Apple's fused release
+        network = mobileone(backbone.removeprefix("mobileone_"), inference_mode=True)
     else:
         network = torchvision.models.get_model(backbone, weights=None)
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS,
                         help="folder holding hymenoptera/, fruits/ and camvid/ (default: $MOBILEONE_DATASETS or ../shared/datasets)")
     parser.add_argument("--tasks", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--backbones", nargs="+", default=["mobileone", "mobilenet_v2"],
+    parser.add_argument("--backbones", nargs="+", default=["mobileone_s0", "mobilenet_v2"],
                         help="values of --model.backbone (MobileOne's variant is the recipe's, S0)")
     parser.add_argument("--epochs", type=int, default=None, help="budget: epochs of every run (default: the recipe's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (their spread is the noise)")

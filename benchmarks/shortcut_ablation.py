@@ -82,8 +82,8 @@ def remove_shortcuts(network: nn.Module) -> int:
 
 # variant -> (--model.backbone, the change made to the built backbone)
 VARIANTS = {
-    "mobileone": ("mobileone", None),
-    "mobileone+shortcuts": ("mobileone", add_shortcuts),
+    "mobileone": ("mobileone_s0", None),
+    "mobileone+shortcuts": ("mobileone_s0", add_shortcuts),
     "mobilenet_v2": ("mobilenet_v2", None),
     "mobilenet_v2-shortcuts": ("mobilenet_v2", remove_shortcuts),
 }

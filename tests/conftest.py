@@ -40,7 +40,7 @@ def apple_weights_cache(_apple_weights_dir, monkeypatch):
 
 def load_config(path):
     """A shipped config as LightningCLI reads it, as a dict: the config its ``config:`` key names
-    (relative to it) first, then its own keys, a dotted key (``model.variant``) setting one value."""
+    (relative to it) first, then its own keys, a dotted key (``model.backbone``) setting one value."""
     from pathlib import Path
 
     import yaml

@@ -68,8 +68,8 @@ def toy(monkeypatch):
     """``--model.backbone toy`` for the duration of a test."""
     monkeypatch.setattr(registry, "BACKBONES", dict(registry.BACKBONES))
     register_backbone("toy", Backbone(
-        classifier=lambda backbone, variant, num_classes, weights: _load(ToyClassifier(num_classes), weights),
-        features=lambda backbone, variant, output_stride, weights: _load(ToyFeatures(output_stride), weights),
+        classifier=lambda backbone, num_classes, weights: _load(ToyClassifier(num_classes), weights),
+        features=lambda backbone, output_stride, weights: _load(ToyFeatures(output_stride), weights),
     ))
     return "toy"
 
@@ -100,7 +100,7 @@ def test_a_registered_backbone_runs_through_classification(toy, tmp_path):
     metadata = _fit_validate_export(classification_main, ["--config", str(CONFIGS / "classification.yaml"), f"--data.root={data}"],
                                     tmp_path / "run", ImageClassificationTask)
     assert metadata["architecture"] == "toy"
-    assert metadata["build"] == "tasks.common.backbones.classifier_network('toy', 's0', 5)"
+    assert metadata["build"] == "tasks.common.backbones.classifier_network('toy', 5)"
     assert metadata["onnx_vs_pytorch_relative_error"] < 1e-5
 
 

@@ -333,7 +333,7 @@ def _detection_case(tmp_path: Path):
                              persistent_workers=False, **kwargs)
 
     def model():
-        return ObjectDetectionTask("s0", num_classes=4, image_size=64, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]})
+        return ObjectDetectionTask("mobileone_s0", num_classes=4, image_size=64, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]})
     return bad, data, model
 
 
@@ -357,7 +357,7 @@ def _segmentation_case(tmp_path: Path):
                                   persistent_workers=False, **kwargs)
 
     def model():
-        return SemanticSegmentationTask("s0", num_classes=2, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]})
+        return SemanticSegmentationTask("mobileone_s0", num_classes=2, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]})
     return bad, data, model
 
 

@@ -50,7 +50,7 @@ def test_torchvision_weights_load_into_features_and_classifier(tmp_path):
     with torch.no_grad():
         expected = [reference.features[:14](x), reference.features(x)]
         assert all(relative_error(a, b) < 1e-6 for a, b in zip(features(x), expected))
-        classifier = classifier_network("mobilenet_v2", "s0", num_classes=5, weights=str(path)).eval()
+        classifier = classifier_network("mobilenet_v2", num_classes=5, weights=str(path)).eval()
         assert classifier.classifier[-1].out_features == 5, "another class count: fresh classifier"
         assert relative_error(classifier.features(x), reference.features(x)) < 1e-6
 
@@ -129,6 +129,6 @@ def test_mobileone_classifier_network_loads_weights_and_resets_other_class_count
 
     reference = mobileone("s0", num_classes=1000)
     torch.save(reference.state_dict(), tmp_path / "s0.pth")
-    network = classifier_network("mobileone", "s0", num_classes=5, weights=str(tmp_path / "s0.pth"))
+    network = classifier_network("mobileone_s0", num_classes=5, weights=str(tmp_path / "s0.pth"))
     assert torch.equal(network.stage0.rbr_conv[0].conv.weight, reference.stage0.rbr_conv[0].conv.weight)
     assert network.linear.out_features == 5

@@ -131,27 +131,27 @@ def test_real_data_reads_curves_and_rewrites_only_its_section(tmp_path):
     curve = _metrics(metrics)
     assert curve == [{"epoch": 0, "mIoU": 0.25, "IoU/road": 0.5}, {"epoch": 1, "mIoU": 0.4, "IoU/road": 0.75}]
     setting = SETTINGS["segmentation"]
-    run = {"task": "segmentation", "backbone": "mobileone", "seed": 0, "epochs": 2, "wall_s": 90.0, "final": curve[-1],
+    run = {"task": "segmentation", "backbone": "mobileone_s0", "seed": 0, "epochs": 2, "wall_s": 90.0, "final": curve[-1],
            "untrained": {"mIoU": 0.01}, "curve": curve}
     summary = {"commands": ["python -m benchmarks.real_data"], "machine": "test box", "class_order": ["road"],
                "settings": {"segmentation": {**vars(setting), "extra_metrics": list(setting.extra_metrics)}}, "runs": [run]}
     section = markdown(summary)
-    assert "| segmentation | CamVid (11 classes) | mobileone | scratch | 0 | 2 | mIoU | **40.0** | 32.5 ± 10.6 | 1.0 |" in section
-    assert "| mobileone | scratch | 0 | 75.0 |" in section, "per-class IoU row"
+    assert "| segmentation | CamVid (11 classes) | mobileone_s0 | scratch | 0 | 2 | mIoU | **40.0** | 32.5 ± 10.6 | 1.0 |" in section
+    assert "| mobileone_s0 | scratch | 0 | 75.0 |" in section, "per-class IoU row"
     assert "Over the seeds" not in section, "one seed: no spread to give"
     assert "camvid.yaml" in section and "camvid_pretrained.yaml" not in section, "only the recipes of the runs shown"
     second = {**run, "seed": 1, "final": {"mIoU": 0.2, "IoU/road": 0.5}}
     two_seeds = markdown({**summary, "runs": [run, second]})
-    assert "| segmentation | mobileone | scratch | mIoU | 2 | **30.0** | 14.1 | 20.0–40.0 |" in two_seeds
+    assert "| segmentation | mobileone_s0 | scratch | mIoU | 2 | **30.0** | 14.1 | 20.0–40.0 |" in two_seeds
     # a pretrained run of the same backbone and seed is another row, and merging keeps both
     pretrained = {**run, "start": "imagenet", "final": {"mIoU": 0.5, "IoU/road": 0.9}, "untrained": {"mIoU": 0.05}}
-    imagenet = [{"backbone": "mobileone", "weights": "/w/mobileone_s0.pth.tar", "images": 500, "task_acc1": 0.828,
+    imagenet = [{"backbone": "mobileone_s0", "weights": "/w/mobileone_s0.pth.tar", "images": 500, "task_acc1": 0.828,
                  "task_acc5": 0.95, "reference_acc1": 0.828, "reference_acc5": 0.95}]
     merged = merge({**summary, "runs": [run, second]}, {**summary, "runs": [pretrained], "imagenet": imagenet})
     assert [(r.get("start", "scratch"), r["seed"]) for r in merged["runs"]] == [("scratch", 0), ("scratch", 1), ("imagenet", 0)]
     both = markdown(merged)
-    assert "| segmentation | CamVid (11 classes) | mobileone | imagenet | 0 | 2 | mIoU | **50.0** |" in both
-    assert "| mobileone | `mobileone_s0.pth.tar` | 500 | **82.8** | 95.0 | 82.8 | 95.0 |" in both
+    assert "| segmentation | CamVid (11 classes) | mobileone_s0 | imagenet | 0 | 2 | mIoU | **50.0** |" in both
+    assert "| mobileone_s0 | `mobileone_s0.pth.tar` | 500 | **82.8** | 95.0 | 82.8 | 95.0 |" in both
     assert "camvid_pretrained.yaml" in both
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# Results\n\nbefore\n\n{SECTION_BEGIN}\nold table\n{SECTION_END}\n\nafter\n")
@@ -217,8 +217,8 @@ def test_shortcut_ablation_adds_and_removes_identity_paths_without_changing_para
 
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
-    plain = feature_extractor("mobileone", "s0", 16).eval()
-    with_shortcuts = feature_extractor("mobileone", "s0", 16).eval()
+    plain = feature_extractor("mobileone_s0", 16).eval()
+    with_shortcuts = feature_extractor("mobileone_s0", 16).eval()
     with_shortcuts.load_state_dict(plain.state_dict())
     # S0's stages hold 2, 8, 10, 1 layer pairs; the first of each changes the shape
     assert add_shortcuts(with_shortcuts) == 1 + 7 + 9
@@ -229,7 +229,7 @@ def test_shortcut_ablation_adds_and_removes_identity_paths_without_changing_para
     torch.testing.assert_close(pair(x), x + pair.pointwise(pair.depthwise(x)))
     assert not torch.allclose(with_shortcuts(images)[1], plain(images)[1])
 
-    network = feature_extractor("mobilenet_v2", "s0", 16).eval()
+    network = feature_extractor("mobilenet_v2", 16).eval()
     before = network(images)[0]  # C4: the output of a block with a shortcut
     assert remove_shortcuts(network) == 10  # MobileNetV2's stride-1 blocks with equal in/out widths
     assert remove_shortcuts(network) == 0

@@ -95,12 +95,12 @@ def test_missing_checkpoint_is_named(tmp_path, image_root):
 def test_another_tasks_checkpoint_is_named(tmp_path, image_root):
     recorded = tmp_path / "segmentation.ckpt"
     torch.save({"state_dict": {}, "task": "tasks.segmentation.module.SemanticSegmentationTask",
-                "hyper_parameters": {"variant": "s0"}}, recorded)
+                "hyper_parameters": {"backbone": "mobileone_s0"}}, recorded)
     with pytest.raises(ValueError, match="is a checkpoint of tasks.segmentation.module.SemanticSegmentationTask, "
                                          "not of tasks.classification.module.ImageClassificationTask"):
         cli("validate", image_root, f"--ckpt_path={recorded}")
     older = tmp_path / "older-segmentation.ckpt"  # written before checkpoints recorded their task
-    torch.save({"state_dict": {}, "hyper_parameters": {"variant": "s0", "output_stride": 16, "backbone_weights": None}}, older)
+    torch.save({"state_dict": {}, "hyper_parameters": {"backbone": "mobileone_s0", "output_stride": 16, "backbone_weights": None}}, older)
     with pytest.raises(ValueError, match=r"hyper-parameters \['backbone_weights', 'output_stride'\] are not options"):
         cli("validate", image_root, f"--ckpt_path={older}")
 
@@ -109,13 +109,13 @@ def test_checkpoint_records_its_task_and_model_options_it_overrides_are_named(tr
     checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
     assert checkpoint["task"] == "tasks.classification.module.ImageClassificationTask"
     assert len(checkpoint["random_states"]) == 1 and checkpoint["random_states"][0]["torch"].dtype == torch.uint8
-    with pytest.warns(UserWarning, match=r"built with the checkpoint's variant='s0' \(given: 's1'\)"):
-        cli("validate", image_root, f"--ckpt_path={trained}", "--model.variant=s1", f"--trainer.default_root_dir={tmp_path}")
+    with pytest.warns(UserWarning, match=r"built with the checkpoint's backbone='mobileone_s0' \(given: 'mobileone_s1'\)"):
+        cli("validate", image_root, f"--ckpt_path={trained}", "--model.backbone=mobileone_s1", f"--trainer.default_root_dir={tmp_path}")
 
 
 def test_weights_of_another_variant_name_the_file_and_no_classifier_message(trained, caplog):
     s0_weights = trained.parent / "s0-weights.pt"
     torch.save(mobileone("s0", num_classes=5).state_dict(), s0_weights)
     with caplog.at_level(logging.WARNING), pytest.raises(CheckpointMismatchError, match="s0-weights.pt"):
-        ImageClassificationTask(num_classes=5, variant="s1", weights=str(s0_weights))
+        ImageClassificationTask("mobileone_s1", num_classes=5, weights=str(s0_weights))
     assert "re-initialized" not in caplog.text

@@ -75,7 +75,7 @@ def test_validate_and_predict(image_root, trained, tmp_path):
         f"--ckpt_path={ckpt}"])
     # top-5 accuracy is always 1 with 5 classes: not logged
     assert "val/acc1" in cli.trainer.callback_metrics and "val/acc5" not in cli.trainer.callback_metrics
-    assert ImageClassificationTask(variant="s0", num_classes=6).val_acc5 is not None
+    assert ImageClassificationTask("mobileone_s0", num_classes=6).val_acc5 is not None
     output = tmp_path / "predictions.csv"
     run("predict", image_root, tmp_path, f"--ckpt_path={ckpt}", f"--data.predict_dir={image_root / 'val' / 'square'}",
         f"--predictions.output={output}")
@@ -126,7 +126,7 @@ def test_apple_weights_in_both_forms(image_root, tmp_path):
     from tasks.classification.module import ImageClassificationTask
 
     for name, fused in [("mobileone_s0_unfused.pth.tar", False), ("mobileone_s0.pth.tar", True)]:
-        task = ImageClassificationTask("s0", num_classes=5, weights=str(tmp_path / name))
+        task = ImageClassificationTask("mobileone_s0", num_classes=5, weights=str(tmp_path / name))
         assert not task.model.inference_mode and task.model.stage1[0].rbr_conv is not None
         assert getattr(task.model.stage1[0], "from_fused", False) == fused
         x = torch.randn(1, 3, 32, 32)
@@ -195,7 +195,7 @@ def test_resolution_and_weight_decay_schedules(image_root, tmp_path, num_workers
         limit_val_batches=0, accelerator="cpu",
         callbacks=[record, ProgressiveResolution(sizes=[32, 40, 48], milestones=[2, 4]), CosineWeightDecay(1e-4, 1e-5)],
     )
-    trainer.fit(ImageClassificationTask("s0", num_classes=5, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]}), data)
+    trainer.fit(ImageClassificationTask("mobileone_s0", num_classes=5, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]}), data)
     assert record.sizes == {0: {(32, 32)}, 1: {(32, 32)}, 2: {(40, 40)}, 3: {(40, 40)}, 4: {(48, 48)}}
     expected = [1e-5 + 9e-5 * (1 + torch.cos(torch.tensor(torch.pi * e / 4)).item()) / 2 for e in range(5)]
     assert [record.weight_decay[e] for e in range(5)] == pytest.approx(expected)
@@ -218,7 +218,7 @@ def test_progressive_resolution_resumes_at_the_resumed_epochs_size(image_root, t
             accelerator="cpu", callbacks=[*callbacks, ProgressiveResolution(sizes=[32, 40, 48], milestones=[2, 4]), CosineWeightDecay()],
             default_root_dir=str(tmp_path / "run"),
         )
-        trainer.fit(ImageClassificationTask("s0", num_classes=5, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]}), data,
+        trainer.fit(ImageClassificationTask("mobileone_s0", num_classes=5, backbone_kwargs={"num_blocks_per_stage": [1, 1, 1, 1]}), data,
                     ckpt_path=ckpt_path)
 
     run(3, None, ModelCheckpoint(dirpath=tmp_path, save_last=True))
@@ -233,7 +233,7 @@ def test_learning_rate_scales_with_global_batch(image_root):
     data = ImageFolderDataModule(str(image_root), batch_size=8, num_workers=0, image_size=32, eval_resize=36, eval_image_size=32)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", accumulate_grad_batches=2)
-    task = ImageClassificationTask("s0", num_classes=5, lr=0.1, warmup_epochs=0)
+    task = ImageClassificationTask("mobileone_s0", num_classes=5, lr=0.1, warmup_epochs=0)
     trainer.fit(task, data)
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.1 * 16 / 256)
 
@@ -262,7 +262,7 @@ def test_every_shipped_config_runs(config, image_root, tmp_path, monkeypatch, ap
     monkeypatch.chdir(tmp_path)
     model = load_config(config).get("model") or {}
     if model.get("weights") == "apple":
-        apple_weights_cache(model["variant"])
+        apple_weights_cache(model["backbone"].removeprefix("mobileone_"))
     own_classes = ["--data.classes=null"] if (load_config(config).get("data") or {}).get("classes") else []  # the demo's 5, not ImageNet's
     if (load_config(config).get("data") or {}).get("unlabelled_train"):
         own_classes.append("--data.unlabelled_train=false")  # classes from the demo's folders

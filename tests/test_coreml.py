@@ -121,16 +121,16 @@ def test_mlpackage_is_replaced_atomically(fused_s0, tmp_path):
 def test_dense_networks_convert(tmp_path):
     """A segmenter (bilinear upsampling, ASPP pooling) and a detector (two outputs) convert with
     their heads' BatchNorms folded."""
-    from tasks.detection.ssdlite import SSDRawOutputs, ssdlite_mobileone
+    from tasks.detection.ssdlite import SSDRawOutputs, ssdlite
     from tasks.segmentation.deeplabv3 import DeepLabV3, DeepLabV3Logits
 
-    segmenter = DeepLabV3Logits(DeepLabV3("s0", num_classes=5, output_stride=16, aspp_channels=16, aux_head=False))
+    segmenter = DeepLabV3Logits(DeepLabV3("mobileone_s0", num_classes=5, output_stride=16, aspp_channels=16, aux_head=False))
     mlmodel = to_coreml(fuse_for_deployment(randomize_batchnorm(segmenter)), torch.randn(1, 3, 64, 96))
     (output,) = mlmodel.get_spec().description.output
     assert list(output.type.multiArrayType.shape) == [1, 5, 64, 96]
     assert {"conv", "upsample_bilinear"} <= coreml_op_types(mlmodel) and "batch_norm" not in coreml_op_types(mlmodel)
 
-    detector = SSDRawOutputs(randomize_batchnorm(ssdlite_mobileone("s0", num_classes=4, image_size=96)).eval(), 96)
+    detector = SSDRawOutputs(randomize_batchnorm(ssdlite("mobileone_s0", num_classes=4, image_size=96)).eval(), 96)
     mlmodel = to_coreml(fuse_for_deployment(detector), torch.randn(1, 3, 96, 96), output_names=["boxes", "scores"])
     shapes = {o.name: list(o.type.multiArrayType.shape) for o in mlmodel.get_spec().description.output}
     with torch.no_grad():

@@ -22,7 +22,7 @@ from tasks.detection import formats
 from tasks.detection.__main__ import DetectionCLI, main
 from tasks.detection.data import CocoAnnotations, COCODetection, InvalidAnnotationError, collate_lists, make_demo_coco
 from tasks.detection.module import ObjectDetectionTask
-from tasks.detection.ssdlite import ssdlite_mobileone
+from tasks.detection.ssdlite import ssdlite
 
 CONFIG = str(Path(__file__).parent / "configs" / "detection.yaml")
 
@@ -33,7 +33,7 @@ MMDET_MAX_SIZES = [100, 150, 202, 253, 304, 320]
 
 
 def test_anchors_match_mmdetection():
-    model = ssdlite_mobileone("s0", num_classes=4).eval()
+    model = ssdlite("mobileone_s0", num_classes=4).eval()
     features = list(model.backbone(torch.zeros(1, 3, 320, 320)).values())
     anchors = model.anchor_generator(ImageList(torch.zeros(1, 3, 320, 320), [(320, 320)]), features)[0]
     sizes = [f.shape[-1] for f in features]
@@ -150,7 +150,7 @@ def test_detector_fuses_exactly_in_float64():
     from backbones.testing import randomize_batchnorm, relative_error
     from tasks.detection.ssdlite import SSDRawOutputs
 
-    network = SSDRawOutputs(randomize_batchnorm(ssdlite_mobileone("s1", num_classes=5, image_size=128)).eval(), 128).double()
+    network = SSDRawOutputs(randomize_batchnorm(ssdlite("mobileone_s1", num_classes=5, image_size=128)).eval(), 128).double()
     fused = fuse_for_deployment(network)
     assert not [m for m in fused.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     x = torch.randn(2, 3, 128, 128, dtype=torch.float64)
@@ -201,7 +201,7 @@ def test_map_equals_pycocotools(tmp_path):
 
     data = COCODetection(train_ann=str(ann), train_images=str(tmp_path / "imgs"), val_ann=str(ann), val_images=str(tmp_path / "imgs"), num_workers=0)
     data.setup("validate")
-    task = ObjectDetectionTask("s0", num_classes=4)
+    task = ObjectDetectionTask("mobileone_s0", num_classes=4)
     labels = {cid: label for label, cid in data.category_ids.items()}
     for index in range(len(data.val_dataset)):
         images_, targets = collate_lists([data.val_dataset[index]])
@@ -283,7 +283,7 @@ def test_every_shipped_config_runs(config, coco_root, tmp_path, monkeypatch, req
     monkeypatch.chdir(tmp_path)
     model = load_config(config).get("model") or {}
     if model.get("backbone_weights") == "apple":  # Apple's weights as placed in the cache by hand (offline)
-        apple_weights_cache(model["variant"])
+        apple_weights_cache(model["backbone"].removeprefix("mobileone_"))
     data_format = (load_config(config).get("data") or {}).get("format", "coco")
     root = tmp_path / "generated" if config.stem == "demo" else coco_root if data_format == "coco" else request.getfixturevalue(f"{data_format}_root")
     main(["fit", "--config", str(config), f"--data.root={root}", "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu",

@@ -178,12 +178,12 @@ def test_fit_from_a_fused_file_calibrates_and_trains_finite(task, fused_file, tm
         from tasks.detection.__main__ import main
 
         root = request.getfixturevalue("coco_root")
-        options = [f"--model.backbone_weights={fused_file}", "--model.variant=s0"]
+        options = [f"--model.backbone_weights={fused_file}", "--model.backbone=mobileone_s0"]
     else:
         from tasks.segmentation.__main__ import main
 
         root = request.getfixturevalue("voc_root")
-        options = [f"--model.backbone_weights={fused_file}", "--model.variant=s0"]
+        options = [f"--model.backbone_weights={fused_file}", "--model.backbone=mobileone_s0"]
     config = Path(__file__).parent / "configs" / f"{task}.yaml"
     caplog.set_level(logging.INFO, logger="tasks")
     main(["fit", "--config", str(config), "--data.root", str(root), "--trainer.default_root_dir", str(tmp_path),

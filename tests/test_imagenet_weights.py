@@ -145,14 +145,14 @@ def test_folded_batchnorms_are_found_and_calibrated_keeping_the_function(tmp_pat
     reference = folded_mobilenet_v2(tmp_path / "folded.pth")
     assert mark_folded_batchnorms_(reference) == 0, "a trained network's BatchNorms are not folded"
     assert mark_folded_batchnorms_(torchvision.models.mobilenet_v2()) == 0, "nor are a fresh network's (running_var 1)"
-    network = classifier_network("mobilenet_v2", "s0", 10, str(tmp_path / "folded.pth")).double()
+    network = classifier_network("mobilenet_v2", 10, str(tmp_path / "folded.pth")).double()
     marked = [m for m in network.modules() if getattr(m, "from_fused", False)]
     assert len(marked) == 52 and all(isinstance(m, nn.BatchNorm2d) for m in marked)
     images = torch.randn(16, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         expected = reference(images)
         assert relative_error(network.eval()(images), expected) <= 1e-5
-        folded = classifier_network("mobilenet_v2", "s0", 10, str(tmp_path / "folded.pth")).double()
+        folded = classifier_network("mobilenet_v2", 10, str(tmp_path / "folded.pth")).double()
         uncalibrated = relative_error(folded(images), expected)  # train mode
     assert calibrate_from_fused_(network, [images[:8], images[8:]]) == 52
     assert not any(getattr(m, "from_fused", False) for m in network.modules())
@@ -170,13 +170,13 @@ def test_torchvision_mobilenet_v2_dequantized_release_calibrates_on_real_images(
     S0 the same way: 69%, 0.77), and eval mode is unchanged."""
     require_shared(MOBILENET_V2)
     require_shared(IMAGENET_SAMPLE)
-    network = classifier_network("mobilenet_v2", "s0", 1000, str(MOBILENET_V2))
+    network = classifier_network("mobilenet_v2", 1000, str(MOBILENET_V2))
     assert sum(getattr(m, "from_fused", False) for m in network.modules()) == 52
     held_out = imagenet_batch(32, offset=64)
     with torch.no_grad():
         expected = network.eval()(held_out)
         uncalibrated = batch_statistics(network)(held_out)
-    network = classifier_network("mobilenet_v2", "s0", 1000, str(MOBILENET_V2))  # the train-mode pass moved the statistics
+    network = classifier_network("mobilenet_v2", 1000, str(MOBILENET_V2))  # the train-mode pass moved the statistics
     calibration = imagenet_batch(64)
     calibrate_from_fused_(network, [calibration[:32], calibration[32:]])
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_torchvision_mobilenet_v2_dequantized_release_calibrates_on_real_images(
 
 # The real files through the task, no training split ----------------------------------------------
 
-@pytest.mark.parametrize("weights, backbone, top1", [(APPLE_S0, "mobileone", 0.828), (MOBILENET_V2, "mobilenet_v2", 0.844)],
+@pytest.mark.parametrize("weights, backbone, top1", [(APPLE_S0, "mobileone_s0", 0.828), (MOBILENET_V2, "mobilenet_v2", 0.844)],
                          ids=["mobileone_s0", "mobilenet_v2"])
 def test_imagenet_weights_validate_on_real_images_from_the_weights_alone(weights, backbone, top1, tmp_path):
     """``validate`` of the ImageNet recipe on the 500 real images (500 of the 1000 class folders, no

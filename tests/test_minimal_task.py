@@ -51,8 +51,7 @@ class DominantColourTask(BaseTask):
 
     def __init__(
         self,
-        backbone: str = "mobileone",
-        variant: str = "s0",
+        backbone: str = "mobileone_s0",
         lr: float = 0.05,
         reference_batch_size: int = 8,
         momentum: float = 0.9,
@@ -61,7 +60,7 @@ class DominantColourTask(BaseTask):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = classifier_network(backbone, variant, num_classes=3)
+        self.model = classifier_network(backbone, num_classes=3)
         self.val_nll = MeanMetric()
 
     def training_loss(self, batch: Any) -> torch.Tensor:

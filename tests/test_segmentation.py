@@ -94,7 +94,7 @@ def test_export_matches_and_accepts_any_image_size(voc_root, trained, tmp_path):
 
 
 def test_miou_equals_numpy_confusion_over_batches():
-    task = SemanticSegmentationTask("s0", num_classes=4, ignore_index=255, output_stride=16, aspp_channels=16)
+    task = SemanticSegmentationTask("mobileone_s0", num_classes=4, ignore_index=255, output_stride=16, aspp_channels=16)
     generator = torch.Generator().manual_seed(0)
     confusion = np.zeros((4, 4), dtype=np.int64)
     for _ in range(3):
@@ -241,7 +241,7 @@ def test_missing_voc_root_shows_layout(tmp_path):
 
 @pytest.mark.parametrize("output_stride, rates", [(8, (12, 24, 36)), (16, (6, 12, 18))])
 def test_output_stride_shapes_and_rates(output_stride, rates):
-    model = DeepLabV3("s1", num_classes=5, output_stride=output_stride, aspp_channels=32).eval()
+    model = DeepLabV3("mobileone_s1", num_classes=5, output_stride=output_stride, aspp_channels=32).eval()
     x = torch.randn(1, 3, 64, 96)
     stage3, stage4 = model.backbone(x)
     assert stage3.shape[-2:] == stage4.shape[-2:] == (64 // output_stride, 96 // output_stride)
@@ -289,7 +289,7 @@ def test_every_shipped_config_runs(config, voc_root, tmp_path, monkeypatch, appl
     monkeypatch.chdir(tmp_path)
     model = load_config(config).get("model") or {}
     if model.get("backbone_weights") == "apple":
-        apple_weights_cache(model["variant"])
+        apple_weights_cache(model["backbone"].removeprefix("mobileone_"))
     _add_sbd(voc_root)
     root = voc_root
     if "ade20k" in config.stem:
@@ -314,7 +314,7 @@ def test_head_learning_rate_and_poly_schedule(voc_root):
     from tasks.common.optim import warmup_poly
 
     data = SegmentationDataModule(str(voc_root), demo=True, batch_size=2, val_batch_size=2, num_workers=0, crop_size=32)
-    task = SemanticSegmentationTask("s0", num_classes=4, output_stride=16, aspp_channels=16, lr=0.01, head_lr_multiplier=10)
+    task = SemanticSegmentationTask("mobileone_s0", num_classes=4, output_stride=16, aspp_channels=16, lr=0.01, head_lr_multiplier=10)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(task, data)

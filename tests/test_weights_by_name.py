@@ -29,7 +29,7 @@ def offline(monkeypatch, tmp_path) -> Path:
 
 def test_apple_weights_offline_name_url_cache_path_and_local_option(offline):
     with pytest.raises(WeightsDownloadError) as error:
-        resolve_backbone_weights("mobileone", "s1", "apple")
+        resolve_backbone_weights("mobileone_s1", "apple")
     message = str(error.value)
     assert "mobileone_s1_unfused.pth.tar" in message and str(offline / "mobileone_s1_unfused.pth.tar") in message
     assert "--model.weights /path/to/" in message
@@ -38,7 +38,7 @@ def test_apple_weights_offline_name_url_cache_path_and_local_option(offline):
 
 def test_apple_weights_from_the_cache_load_into_a_feature_extractor(apple_weights_cache):
     apple_weights_cache("s0")
-    extractor = feature_extractor("mobileone", "s0", 32, "apple")
+    extractor = feature_extractor("mobileone_s0", 32, "apple")
     cached = Path(backbones.hub.weights_cache_dir()) / "mobileone_s0_unfused.pth.tar"
     expected = torch.load(cached, weights_only=True)
     loaded = extractor.state_dict()
@@ -47,7 +47,7 @@ def test_apple_weights_from_the_cache_load_into_a_feature_extractor(apple_weight
 
 def test_apple_weights_are_mobileones_only():
     with pytest.raises(ValueError, match="mobilenet_v2 takes a local file"):
-        resolve_backbone_weights("mobilenet_v2", "s0", "apple")
+        resolve_backbone_weights("mobilenet_v2", "apple")
 
 
 def test_a_checkpoint_trained_from_apple_weights_needs_no_download_later(apple_weights_cache, tmp_path, monkeypatch):

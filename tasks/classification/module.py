@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones.atomic import atomic_write_file
-from tasks.common.backbones import backbone_name, classifier_network, get_backbone
+from tasks.common.backbones import DEFAULT_BACKBONE, backbone_name, classifier_network, get_backbone
 from tasks.common.callbacks import run_output
 from tasks.common.module import BaseTask
 from tasks.common.optim import warmup_cosine
@@ -29,14 +29,13 @@ class ImageClassificationTask(BaseTask):
     """MobileOne classifier trained with the paper's recipe (SGD, cosine, label smoothing).
 
     Args:
-        variant: MobileOne variant, ``"s0"`` .. ``"s4"``.
-        backbone: ``"mobileone"`` (variant from ``variant``) or a baseline network trained with the
+        backbone: the network (``tasks.common.backbones``): ``"mobileone_s0"`` .. ``"mobileone_s4"``
+            (MobileOne, the only one reparameterized at export), or a baseline trained with the
             same recipe: ``"mobilenet_v2"``, ``"mobilenet_v3_large"``, ``"efficientnet_b0"``
-            (torchvision's whole network) or ``"timm:<name>"`` (see ``tasks.common.backbones``).
-            Only MobileOne is reparameterized at export.
+            (torchvision's whole network) or ``"timm:<name>"``.
         num_classes: classifier outputs (linked from the data by the CLI).
         class_names: names of the classes (linked from the data; kept in checkpoints for ``predict``).
-        weights: initial weights: ``"apple"`` (Apple's ImageNet release of ``variant``, train form,
+        weights: initial weights: ``"apple"`` (Apple's ImageNet release of the MobileOne variant, train form,
             downloaded once into the weights cache), ``"hf-hub:<repo>"``, or a file: Apple's ``mobileone_sX_unfused.pth.tar`` (train form) or
             ``mobileone_sX.pth.tar`` (inference form: the train form is built from it, computing its
             function, and calibrated on training images at the start of ``fit``), or one of
@@ -57,8 +56,7 @@ class ImageClassificationTask(BaseTask):
 
     def __init__(
         self,
-        variant: str = "s0",
-        backbone: str = "mobileone",
+        backbone: str = DEFAULT_BACKBONE,
         num_classes: int = 1000,
         class_names: list[str] | None = None,
         weights: str | None = None,
@@ -75,7 +73,7 @@ class ImageClassificationTask(BaseTask):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model: nn.Module = classifier_network(backbone, variant, num_classes, weights, backbone_kwargs)
+        self.model: nn.Module = classifier_network(backbone, num_classes, weights, backbone_kwargs)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         # top-5 accuracy only where it can be below 1 (more than 5 classes)
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
@@ -126,12 +124,11 @@ class ImageClassificationTask(BaseTask):
 
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         data = datamodule.hparams if datamodule is not None else {}
-        backbone = self.hparams.get("backbone", "mobileone")  # a MobileOne-only subclass (qat) has no backbone option
+        backbone = self.hparams.backbone
         return {
             "task": "classification",
-            "architecture": backbone_name(backbone, self.hparams.variant),
-            "build": get_backbone(backbone).deployment_build(backbone, self.hparams.variant, self.hparams.num_classes,
-                                                             self.hparams.backbone_kwargs or {}),
+            "architecture": backbone_name(backbone),
+            "build": get_backbone(backbone).deployment_build(backbone, self.hparams.num_classes, self.hparams.backbone_kwargs or {}),
             "num_classes": self.hparams.num_classes,
             "class_names": self.hparams.class_names,
             "image_size": data.get("eval_image_size"),

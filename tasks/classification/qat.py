@@ -30,6 +30,7 @@ from backbones.quantization import ActivationQuantizer, calibrate_int8_simulatio
 from backbones.runtimes import INT8_WEIGHT_LEVELS
 from tasks.classification.data import ImageFolderDataModule
 from tasks.classification.module import ImageClassificationTask, TopKPredictionWriter
+from tasks.common.backbones import DEFAULT_BACKBONE, MOBILEONE_BACKBONES
 from tasks.common.cli import TaskCLI
 from tasks.common.optim import parameter_groups
 
@@ -50,7 +51,8 @@ class QuantizationAwareDistillation(ImageClassificationTask):
     teacher's own ``val/float32_acc1``.
 
     Args:
-        variant / num_classes / class_names / backbone_kwargs: as ``ImageClassificationTask``'s
+        backbone: ``"mobileone_s0"`` .. ``"mobileone_s4"``.
+        num_classes / class_names / backbone_kwargs: as ``ImageClassificationTask``'s
             (MobileOne only, without squeeze-excitation).
         weights: the float32 network to start from and distil from (required): Apple's
             ``mobileone_sX.pth.tar`` or ``..._unfused.pth.tar``, ``"apple"``, or a checkpoint of
@@ -66,7 +68,7 @@ class QuantizationAwareDistillation(ImageClassificationTask):
 
     def __init__(
         self,
-        variant: str = "s0",
+        backbone: str = DEFAULT_BACKBONE,
         num_classes: int = 1000,
         class_names: list[str] | None = None,
         weights: str | None = None,
@@ -90,7 +92,10 @@ class QuantizationAwareDistillation(ImageClassificationTask):
             raise ValueError(f"int8_scheme={int8_scheme!r}: quantization-aware training simulates 's8s8' or 'reduce_range' (int8 activations)")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature}: expected a positive number")
-        super().__init__(variant=variant, backbone="mobileone", num_classes=num_classes, class_names=class_names, weights=weights,
+        if backbone not in MOBILEONE_BACKBONES:
+            raise ValueError(f"backbone={backbone!r}: quantization-aware distillation simulates MobileOne's fused network: "
+                             f"one of {', '.join(MOBILEONE_BACKBONES)}")
+        super().__init__(backbone=backbone, num_classes=num_classes, class_names=class_names, weights=weights,
                          backbone_kwargs=backbone_kwargs, lr=lr, reference_batch_size=reference_batch_size, momentum=momentum,
                          nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio,
                          label_smoothing=0.0, channels_last=channels_last)

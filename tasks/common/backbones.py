@@ -2,8 +2,8 @@
 
 ``--model.backbone`` names the network:
 
-- ``"mobileone"``: MobileOne, variant ``s0``..``s4`` from ``--model.variant`` (the only backbone
-  that is reparameterized at export);
+- ``"mobileone_s0"`` .. ``"mobileone_s4"``: MobileOne of that variant (the default ``mobileone_s0``;
+  the only backbones that are reparameterized at export);
 - ``"mobilenet_v2"``, ``"mobilenet_v3_large"``, ``"efficientnet_b0"``: torchvision's networks;
 - ``"timm:<model name>"``: any timm model (``pip install timm``); dense tasks use its
   ``features_only`` form.
@@ -34,6 +34,7 @@ import torchvision
 from torch import nn
 
 from backbones import (
+    VARIANTS,
     FeatureInfo,
     WeightsDownloadError,
     is_apple_weights,
@@ -44,19 +45,21 @@ from backbones import (
     resolve_weights,
 )
 
-__all__ = ["BACKBONES", "BASELINE_BACKBONES", "Backbone", "TorchvisionFeatures", "backbone_name", "classifier_network",
-           "feature_extractor", "get_backbone", "register_backbone", "resolve_backbone_weights"]
+__all__ = ["BACKBONES", "BASELINE_BACKBONES", "DEFAULT_BACKBONE", "MOBILEONE_BACKBONES", "Backbone", "TorchvisionFeatures", "backbone_name",
+           "classifier_network", "feature_extractor", "get_backbone", "register_backbone", "resolve_backbone_weights"]
 
 log = logging.getLogger(__name__)
 
-MOBILEONE = "mobileone"
+MOBILEONE_BACKBONES = tuple(f"mobileone_{variant}" for variant in VARIANTS)
+DEFAULT_BACKBONE = "mobileone_s0"
 BASELINE_BACKBONES = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 TIMM_PREFIX = "timm:"
 
 
-def backbone_name(backbone: str, variant: str) -> str:
-    """A readable name for reports and export metadata: ``mobileone_s0``, ``mobilenet_v2``, ..."""
-    return get_backbone(backbone).name(backbone, variant)
+def backbone_name(backbone: str) -> str:
+    """A readable name for reports and export metadata: ``mobileone_s0``, ``mobilenet_v2``, ``resnet18`` (of ``timm:resnet18``)."""
+    get_backbone(backbone)  # a registered one
+    return backbone.removeprefix(TIMM_PREFIX)
 
 
 def _timm() -> Any:
@@ -111,7 +114,7 @@ def _torchvision_network(name: str, weights: str | None, num_classes: int = 1000
 
 
 def classifier_network(
-    backbone: str, variant: str, num_classes: int, weights: str | None = None, backbone_kwargs: dict[str, Any] | None = None
+    backbone: str, num_classes: int, weights: str | None = None, backbone_kwargs: dict[str, Any] | None = None
 ) -> nn.Module:
     """A whole classification network with ``num_classes`` outputs, built by ``backbone``'s registered
     :class:`Backbone` (MobileOne in train form, from a fused file such as Apple's
@@ -120,10 +123,11 @@ def classifier_network(
     class count is left freshly initialized (a warning says so), while weights of another width
     (another variant) raise ``load_checkpoint``'s error naming the file."""
     entry = _checked(backbone, backbone_kwargs)
-    return entry.classifier(backbone, variant, num_classes, resolve_backbone_weights(backbone, variant, weights), **(backbone_kwargs or {}))
+    weights = entry.resolve_weights(backbone, weights) if weights is not None else None
+    return entry.classifier(backbone, num_classes, weights, **(backbone_kwargs or {}))
 
 
-def _mobileone_classifier(backbone: str, variant: str, num_classes: int, weights: str | None, **kwargs: Any) -> nn.Module:
+def _mobileone_classifier(variant: str, num_classes: int, weights: str | None, **kwargs: Any) -> nn.Module:
     state = read_state_dict(weights) if weights else None
     network = mobileone(variant, num_classes=num_classes, **kwargs)
     if state is not None:
@@ -214,23 +218,21 @@ class TimmFeatures(nn.Module):
         return list(self.body(x))
 
 
-def resolve_backbone_weights(backbone: str, variant: str, weights: str | None) -> str | None:
-    """``weights`` as a local file. For MobileOne, ``"apple"`` is Apple's ImageNet release of
-    ``variant`` in train form (downloaded once into the weights cache, its SHA-256 checked on every
-    use) and ``"hf-hub:<repo>"`` a Hugging Face Hub file (see ``backbones.resolve_weights``); any
-    other value is a path, for every backbone."""
-    if weights is None:
-        return None
-    return get_backbone(backbone).resolve_weights(backbone, variant, weights)
+def resolve_backbone_weights(backbone: str, weights: str | None) -> str | None:
+    """``weights`` as a local file. For MobileOne, ``"apple"`` is Apple's ImageNet release of the
+    backbone's variant in train form (downloaded once into the weights cache, its SHA-256 checked on
+    every use) and ``"hf-hub:<repo>"`` a Hugging Face Hub file (see ``backbones.resolve_weights``);
+    any other value is a path, for every backbone."""
+    return get_backbone(backbone).resolve_weights(backbone, weights) if weights is not None else None
 
 
-def _local_weights(backbone: str, variant: str, weights: str) -> str:
+def _local_weights(backbone: str, weights: str) -> str:
     if is_apple_weights(weights):
         raise ValueError(f"weights 'apple' are Apple's MobileOne releases; {backbone} takes a local file")
     return weights
 
 
-def _mobileone_weights(backbone: str, variant: str, weights: str) -> str:
+def _mobileone_weights(variant: str, weights: str) -> str:
     try:
         return str(resolve_weights(weights, variant))
     except WeightsDownloadError as error:  # the library names its Python call; here, the task's flags
@@ -239,8 +241,7 @@ def _mobileone_weights(backbone: str, variant: str, weights: str) -> str:
 
 
 def feature_extractor(
-    backbone: str = MOBILEONE,
-    variant: str = "s0",
+    backbone: str = DEFAULT_BACKBONE,
     output_stride: int = 32,
     weights: str | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
@@ -252,13 +253,13 @@ def feature_extractor(
     classification ``.ckpt`` files, for timm a local file timm can load.
     """
     entry = _checked(backbone, backbone_kwargs)
-    weights = resolve_backbone_weights(backbone, variant, weights)
+    weights = entry.resolve_weights(backbone, weights) if weights is not None else None
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-    return entry.features(backbone, variant, output_stride, weights, **(backbone_kwargs or {}))
+    return entry.features(backbone, output_stride, weights, **(backbone_kwargs or {}))
 
 
-def _mobileone_features(backbone: str, variant: str, output_stride: int, weights: str | None, **kwargs: Any) -> nn.Module:
+def _mobileone_features(variant: str, output_stride: int, weights: str | None, **kwargs: Any) -> nn.Module:
     network = mobileone(variant, out_indices=(3, 4), output_stride=output_stride, **kwargs)
     if weights:
         load_checkpoint(network, weights)
@@ -269,29 +270,26 @@ def _mobileone_features(backbone: str, variant: str, output_stride: int, weights
 class Backbone:
     """How the tasks build one backbone (or a family of them, named by a prefix such as ``"timm:"``).
 
-    Each callable gets the ``--model.backbone`` string as given and ``--model.variant``:
+    Each callable gets the ``--model.backbone`` name as given:
 
-    - ``classifier(backbone, variant, num_classes, weights, **backbone_kwargs)``: a whole network
-      with ``num_classes`` outputs (classification), loaded from the local file ``weights`` if given;
-    - ``features(backbone, variant, output_stride, weights, **backbone_kwargs)``: a module returning
+    - ``classifier(backbone, num_classes, weights, **backbone_kwargs)``: a whole network with
+      ``num_classes`` outputs (classification), loaded from the local file ``weights`` if given;
+    - ``features(backbone, output_stride, weights, **backbone_kwargs)``: a module returning
       ``[C4, C5]`` (the last outputs at strides 16 and 32, both at ``output_stride`` 8 or 16 when
       dilated) with a timm-style ``feature_info`` of two entries (detection, segmentation);
-    - ``name(backbone, variant)``: a readable name for reports and export metadata;
-    - ``resolve_weights(backbone, variant, weights)``: ``--model.weights`` as a local file (default:
-      the path itself; named releases such as ``"apple"`` are the backbone's to resolve);
+    - ``resolve_weights(backbone, weights)``: ``--model.weights`` as a local file (default: the path
+      itself; named releases such as ``"apple"`` are the backbone's to resolve);
     - ``takes_kwargs``: whether ``--model.backbone_kwargs`` apply;
-    - ``deployment_build(backbone, variant, num_classes, backbone_kwargs)``: a Python expression
-      that rebuilds the exported classifier, for ``model.json`` (default: ``classifier_network``'s call).
+    - ``deployment_build(backbone, num_classes, backbone_kwargs)``: a Python expression that
+      rebuilds the exported classifier, for ``model.json`` (default: ``classifier_network``'s call).
     """
 
     classifier: Callable[..., nn.Module]
     features: Callable[..., nn.Module]
-    name: Callable[[str, str], str] = lambda backbone, variant: backbone
-    resolve_weights: Callable[[str, str, str], str] = _local_weights
+    resolve_weights: Callable[[str, str], str] = _local_weights
     takes_kwargs: bool = False
-    deployment_build: Callable[[str, str, int, dict[str, Any]], str] = (
-        lambda backbone, variant, num_classes, kwargs:
-        f"tasks.common.backbones.classifier_network({backbone!r}, {variant!r}, {num_classes})"
+    deployment_build: Callable[[str, int, dict[str, Any]], str] = (
+        lambda backbone, num_classes, kwargs: f"tasks.common.backbones.classifier_network({backbone!r}, {num_classes})"
     )
 
 
@@ -314,7 +312,7 @@ def get_backbone(name: str) -> Backbone:
     if prefix in BACKBONES:
         return BACKBONES[prefix]
     known = ", ".join(repr(k + "<model name>" if k.endswith(":") else k) for k in BACKBONES)
-    raise ValueError(f"unknown backbone {name!r}: expected one of {known} ({MOBILEONE!r} takes its variant from --model.variant)")
+    raise ValueError(f"unknown backbone {name!r}: expected one of {known}")
 
 
 def _checked(backbone: str, backbone_kwargs: dict[str, Any] | None) -> Backbone:
@@ -324,23 +322,26 @@ def _checked(backbone: str, backbone_kwargs: dict[str, Any] | None) -> Backbone:
     return entry
 
 
-register_backbone(MOBILEONE, Backbone(
-    classifier=_mobileone_classifier,
-    features=_mobileone_features,
-    name=lambda backbone, variant: f"mobileone_{variant}",
-    resolve_weights=_mobileone_weights,
-    takes_kwargs=True,
-    deployment_build=lambda backbone, variant, num_classes, kwargs:
-        f"backbones.mobileone({variant!r}, num_classes={num_classes}, inference_mode=True, **{kwargs or {}})",
-))
+def _mobileone_backbone(variant: str) -> Backbone:
+    return Backbone(
+        classifier=lambda backbone, num_classes, weights, **kwargs: _mobileone_classifier(variant, num_classes, weights, **kwargs),
+        features=lambda backbone, output_stride, weights, **kwargs: _mobileone_features(variant, output_stride, weights, **kwargs),
+        resolve_weights=lambda backbone, weights: _mobileone_weights(variant, weights),
+        takes_kwargs=True,
+        deployment_build=lambda backbone, num_classes, kwargs:
+            f"backbones.mobileone({variant!r}, num_classes={num_classes}, inference_mode=True, **{kwargs or {}})",
+    )
+
+
+for _variant in VARIANTS:
+    register_backbone(f"mobileone_{_variant}", _mobileone_backbone(_variant))
 for _name in BASELINE_BACKBONES:
     register_backbone(_name, Backbone(
-        classifier=lambda backbone, variant, num_classes, weights: _torchvision_network(backbone, weights, num_classes),
-        features=lambda backbone, variant, output_stride, weights: TorchvisionFeatures(backbone, output_stride, weights),
+        classifier=lambda backbone, num_classes, weights: _torchvision_network(backbone, weights, num_classes),
+        features=lambda backbone, output_stride, weights: TorchvisionFeatures(backbone, output_stride, weights),
     ))
 register_backbone(TIMM_PREFIX, Backbone(
-    classifier=lambda backbone, variant, num_classes, weights:
+    classifier=lambda backbone, num_classes, weights:
         _timm().create_model(backbone.removeprefix(TIMM_PREFIX), num_classes=num_classes, **_timm_weights(weights)),
-    features=lambda backbone, variant, output_stride, weights: TimmFeatures(backbone.removeprefix(TIMM_PREFIX), output_stride, weights),
-    name=lambda backbone, variant: backbone.removeprefix(TIMM_PREFIX),
+    features=lambda backbone, output_stride, weights: TimmFeatures(backbone.removeprefix(TIMM_PREFIX), output_stride, weights),
 ))

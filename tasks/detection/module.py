@@ -19,13 +19,13 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.utils import draw_bounding_boxes
 
 from backbones.atomic import atomic_write_file
-from tasks.common.backbones import backbone_name
+from tasks.common.backbones import DEFAULT_BACKBONE, backbone_name
 from tasks.common.callbacks import run_output
 from tasks.common.module import BaseTask
 from tasks.common.optim import warmup_cosine
 from tasks.common.sampling import gather_on_rank_zero
 from tasks.detection.coco_eval import LOGGED_NAMES, CocoEvaluation, coco_table
-from tasks.detection.ssdlite import SSDRawOutputs, ssdlite_mobileone
+from tasks.detection.ssdlite import SSDRawOutputs, ssdlite
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,9 @@ class ObjectDetectionTask(BaseTask):
     """SSDLite-MobileOne trained with SSD's loss, evaluated with COCO mAP.
 
     Args:
-        variant: MobileOne variant of the backbone.
-        backbone: ``"mobileone"`` (variant from ``variant``) or a baseline under the same neck and
-            head: ``"mobilenet_v2"``, ``"mobilenet_v3_large"``, ``"efficientnet_b0"`` (torchvision),
-            ``"timm:<name>"`` (see ``tasks.common.backbones``). Only MobileOne is reparameterized.
+        backbone: ``"mobileone_s0"`` .. ``"mobileone_s4"`` (MobileOne, the only one reparameterized)
+            or a baseline under the same neck and head: ``"mobilenet_v2"``, ``"mobilenet_v3_large"``,
+            ``"efficientnet_b0"`` (torchvision), ``"timm:<name>"`` (see ``tasks.common.backbones``).
         num_classes: categories + background (linked from the data).
         class_names: category names (linked from the data).
         category_ids: label 1..K -> the dataset's category id (linked from the data; COCO's ids have
@@ -59,8 +58,7 @@ class ObjectDetectionTask(BaseTask):
 
     def __init__(
         self,
-        variant: str = "s0",
-        backbone: str = "mobileone",
+        backbone: str = DEFAULT_BACKBONE,
         num_classes: int = 81,
         class_names: list[str] | None = None,
         category_ids: dict[int, int] | None = None,
@@ -79,9 +77,9 @@ class ObjectDetectionTask(BaseTask):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = ssdlite_mobileone(
-            variant, num_classes, image_size, backbone_weights, backbone_kwargs,
-            score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img, backbone=backbone,
+        self.model = ssdlite(
+            backbone, num_classes, image_size, backbone_weights, backbone_kwargs,
+            score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
         )
         self.val_map = CocoEvaluation()
 
@@ -205,7 +203,7 @@ class ObjectDetectionTask(BaseTask):
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         return {
             "task": "detection",
-            "architecture": f"ssdlite_{backbone_name(self.hparams.backbone, self.hparams.variant)}",
+            "architecture": f"ssdlite_{backbone_name(self.hparams.backbone)}",
             "image_size": self.hparams.image_size,
             "class_names": ["background", *(self.hparams.class_names or [])],
             "category_ids": {str(k): v for k, v in self.hparams.category_ids.items()} if self.hparams.category_ids else None,

@@ -15,7 +15,7 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.ops.misc import Conv2dNormActivation
 
-from tasks.common.backbones import feature_extractor
+from tasks.common.backbones import DEFAULT_BACKBONE, feature_extractor
 from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "SSDLiteFeatures",
     "SSDRawOutputs",
     "anchor_generator",
-    "ssdlite_mobileone",
+    "ssdlite",
 ]
 
 # mmdetection's SSDLite anchors at 320x320 (its ssdlite_mobilenetv2 config; docs/detection.md): per level stride, min and max size; ratios {2, 3}.
@@ -93,8 +93,8 @@ def anchor_generator(image_size: int = 320) -> DefaultBoxGenerator:
     return DefaultBoxGenerator([[2, 3]] * len(ANCHOR_STRIDES), scales=scales, steps=steps, clip=False)
 
 
-def ssdlite_mobileone(
-    variant: str = "s0",
+def ssdlite(
+    backbone: str = DEFAULT_BACKBONE,
     num_classes: int = 81,
     image_size: int = 320,
     backbone_weights: str | None = None,
@@ -106,19 +106,19 @@ def ssdlite_mobileone(
     iou_thresh: float = 0.5,
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
-    backbone: str = "mobileone",
 ) -> SSD:
-    """SSDLite-MobileOne as a torchvision ``SSD`` (``num_classes`` includes background at index 0).
+    """SSDLite on ``backbone`` (MobileOne by default) as a torchvision ``SSD`` (``num_classes``
+    includes background at index 0).
 
-    ``backbone`` other than ``"mobileone"`` puts a baseline network (``mobilenet_v2``, ...; see
-    ``tasks.common.backbones``) under the same neck, head, anchors and loss.
+    ``backbone`` is a name of ``tasks.common.backbones``: ``"mobileone_s0"`` .. ``"mobileone_s4"``, or a
+    baseline network (``mobilenet_v2``, ...) under the same neck, head, anchors and loss.
 
     torchvision's SSD supplies IoU-``iou_thresh`` matching (plus each ground truth's best anchor),
     box coding with weights (10, 10, 5, 5) = stds (0.1, 0.1, 0.2, 0.2), smooth-L1 + cross-entropy
     with 3:1 hard negative mining, resizing to ``image_size`` and normalization, and per-class NMS
     post-processing; the head is torchvision's depthwise-separable ``SSDLiteHead`` (ReLU6).
     """
-    features = SSDLiteFeatures(feature_extractor(backbone, variant, 32, backbone_weights, backbone_kwargs))
+    features = SSDLiteFeatures(feature_extractor(backbone, 32, backbone_weights, backbone_kwargs))
     anchors = anchor_generator(image_size)
     head = SSDLiteHead(features.out_channels, anchors.num_anchors_per_location(), num_classes, SSDLITE_NORM)
     _normal_init(head)

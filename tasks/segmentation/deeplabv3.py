@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.models.segmentation.fcn import FCNHead
 
-from tasks.common.backbones import feature_extractor
+from tasks.common.backbones import DEFAULT_BACKBONE, feature_extractor
 
 __all__ = ["ASPP_RATES", "DeepLabV3", "DeepLabV3Logits"]
 
@@ -22,7 +22,9 @@ class DeepLabV3(nn.Module):
     """DeepLabV3: MobileOne features at output stride 8 or 16 -> ASPP -> 3x3 conv -> classifier.
 
     Args:
-        variant: MobileOne variant.
+        backbone: a name of ``tasks.common.backbones``: ``"mobileone_s0"`` .. ``"mobileone_s4"``, or a
+            baseline (``"mobilenet_v2"``, ...) dilated to the same output stride; its C4 feeds the
+            auxiliary head and its C5 the ASPP, as MobileOne's stages 3 and 4 do.
         num_classes: segmentation classes.
         output_stride: 8 (ASPP rates 12/24/36) or 16 (6/12/18); the backbone's late stages are dilated.
         aspp_channels: width of the ASPP branches and of the head.
@@ -31,9 +33,6 @@ class DeepLabV3(nn.Module):
         backbone_weights: an ImageNet checkpoint for the backbone (Apple's or ours; the classifier is
             dropped).
         backbone_kwargs: extra ``mobileone()`` arguments (``frozen_stages``, ``norm_eval``, ...).
-        backbone: ``"mobileone"`` or a baseline (``"mobilenet_v2"``, ...; see
-            ``tasks.common.backbones``), dilated to the same output stride; its C4 feeds the
-            auxiliary head and its C5 the ASPP, as MobileOne's stages 3 and 4 do.
 
     ``forward`` returns ``{"out": logits}`` at the input resolution, plus ``"aux"`` in training
     mode when the auxiliary head exists.
@@ -41,19 +40,18 @@ class DeepLabV3(nn.Module):
 
     def __init__(
         self,
-        variant: str = "s0",
+        backbone: str = DEFAULT_BACKBONE,
         num_classes: int = 21,
         output_stride: int = 8,
         aspp_channels: int = 256,
         aux_head: bool = True,
         backbone_weights: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
-        backbone: str = "mobileone",
     ) -> None:
         super().__init__()
         if output_stride not in ASPP_RATES:
             raise ValueError(f"output_stride must be 8 or 16 for DeepLabV3, got {output_stride}")
-        self.backbone = feature_extractor(backbone, variant, output_stride, backbone_weights, backbone_kwargs)
+        self.backbone = feature_extractor(backbone, output_stride, backbone_weights, backbone_kwargs)
         stage3_channels, stage4_channels = self.backbone.feature_info.channels()
         self.head = nn.Sequential(
             ASPP(stage4_channels, ASPP_RATES[output_stride], out_channels=aspp_channels),

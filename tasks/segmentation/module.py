@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from backbones.atomic import atomic_write_file
-from tasks.common.backbones import backbone_name
+from tasks.common.backbones import DEFAULT_BACKBONE, backbone_name
 from tasks.common.callbacks import run_output
 from tasks.common.module import BaseTask
 from tasks.common.optim import parameter_groups, warmup_poly
@@ -46,10 +46,9 @@ class SemanticSegmentationTask(BaseTask):
     """DeepLabV3-MobileOne trained with cross-entropy (+ auxiliary FCN loss), evaluated by mIoU.
 
     Args:
-        variant: MobileOne variant of the backbone.
-        backbone: ``"mobileone"`` (variant from ``variant``) or a baseline under the same heads:
-            ``"mobilenet_v2"``, ``"mobilenet_v3_large"``, ``"efficientnet_b0"`` (torchvision),
-            ``"timm:<name>"`` (see ``tasks.common.backbones``). Only MobileOne is reparameterized.
+        backbone: ``"mobileone_s0"`` .. ``"mobileone_s4"`` (MobileOne, the only one reparameterized)
+            or a baseline under the same heads: ``"mobilenet_v2"``, ``"mobilenet_v3_large"``,
+            ``"efficientnet_b0"`` (torchvision), ``"timm:<name>"`` (see ``tasks.common.backbones``).
         num_classes / class_names / ignore_index: linked from the data by the CLI.
         output_stride: 8 (ASPP 12/24/36) or 16 (6/12/18).
         aspp_channels: ASPP / head width (256 or 512).
@@ -68,8 +67,7 @@ class SemanticSegmentationTask(BaseTask):
 
     def __init__(
         self,
-        variant: str = "s0",
-        backbone: str = "mobileone",
+        backbone: str = DEFAULT_BACKBONE,
         num_classes: int = 21,
         class_names: list[str] | None = None,
         ignore_index: int = 255,
@@ -90,8 +88,8 @@ class SemanticSegmentationTask(BaseTask):
         super().__init__()
         self.save_hyperparameters()
         self.model = DeepLabV3(
-            variant, num_classes, output_stride, aspp_channels, aux_head=aux_loss_weight > 0,
-            backbone_weights=backbone_weights, backbone_kwargs=backbone_kwargs, backbone=backbone,
+            backbone, num_classes, output_stride, aspp_channels, aux_head=aux_loss_weight > 0,
+            backbone_weights=backbone_weights, backbone_kwargs=backbone_kwargs,
         )
         self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
 
@@ -169,7 +167,7 @@ class SemanticSegmentationTask(BaseTask):
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:
         return {
             "task": "segmentation",
-            "architecture": f"deeplabv3_{backbone_name(self.hparams.backbone, self.hparams.variant)}",
+            "architecture": f"deeplabv3_{backbone_name(self.hparams.backbone)}",
             "output_stride": self.hparams.output_stride,
             "num_classes": self.hparams.num_classes,
             "class_names": self.hparams.class_names,
