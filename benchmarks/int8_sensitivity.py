@@ -37,7 +37,8 @@ from backbones.export import output_tensors, relative_error, to_onnx_bytes
 from backbones.runtimes import OnnxRuntimeNetwork, quantize_onnx
 from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS, run_folder
 from benchmarks.timing import write_csv
-from tasks.common.export import first_images, same_size_images, validation_metrics
+from tasks.common.batches import first_images, same_size_images
+from tasks.common.export import validation_metrics
 
 QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import tasks.common.export as export
+import tasks.common.export.fuse as fuse
 from backbones import mobileone, save_mlpackage
 from backbones.atomic import atomic_write_dir, atomic_write_file
 from backbones.testing import randomize_batchnorm
@@ -53,7 +54,7 @@ def mode(path: Path) -> int:
 @pytest.fixture
 def fake_onnx(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ONNX step without the (slow) exporter: bytes that depend on the weights, error 0."""
-    monkeypatch.setattr(export, "_onnx_export",
+    monkeypatch.setattr(fuse, "onnx_export",
                         lambda fused, *args: (b"onnx:" + str(float(sum(p.detach().sum() for p in fused.parameters()))).encode(), 0.0))
 
 
@@ -79,7 +80,7 @@ def test_failed_reexport_leaves_the_earlier_export_as_it_was(tmp_path, monkeypat
     before = snapshot(out)
     assert sorted(before) == ["model.json", "model.onnx", "model_fused.pt"]
 
-    monkeypatch.setattr(export, "_coreml_export", lambda *args: (_PackageThatFailsToSave(error), {}))
+    monkeypatch.setattr(fuse, "coreml_export", lambda *args: (_PackageThatFailsToSave(error), {}))
     with pytest.raises(type(error)):
         export.fuse_and_export(network(2), EXAMPLE, out, {"run": 2}, export.ExportOptions(onnx=True, coreml=True))
     assert snapshot(out) == before

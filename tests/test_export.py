@@ -86,8 +86,10 @@ def test_fuse_and_export_checks_torchscript_before_writing(tmp_path, monkeypatch
         def forward(self, x):
             return self.traced(x) * 1.001
 
-    real = export.to_torchscript
-    monkeypatch.setattr(export, "to_torchscript", lambda *a, **k: Perturbed(real(*a, **k)))
+    import tasks.common.export.fuse as fuse
+
+    real = fuse.to_torchscript
+    monkeypatch.setattr(fuse, "to_torchscript", lambda *a, **k: Perturbed(real(*a, **k)))
     with pytest.raises(RuntimeError, match=r"TorchScript.*1\.000e-03 > 1e-05.*nothing was written"):
         export.fuse_and_export(network, x, tmp_path / "bad", {}, export.ExportOptions(onnx=True, torchscript=True))
     assert not (tmp_path / "bad").exists()

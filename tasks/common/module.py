@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 
 from backbones import calibrate_from_fused_
-from tasks.common.export import argmax_agreement, same_size_images, split_loader
+from tasks.common.batches import same_size_images, split_loader
+from tasks.common.export.checks import argmax_agreement
 from tasks.common.optim import global_batch_size, parameter_groups, scaled_learning_rate, training_steps
 from tasks.common.sampling import world_size_and_rank
 

@@ -1,0 +1,195 @@
+"""Deployment files (INT8 ONNX, ExecuTorch float32 and INT8): built from the fused network,
+run in their runtimes on this machine and compared with the fused float32 network."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from backbones.export import is_finite, output_tensors, to_onnx_bytes
+from backbones.quantization import prepare_for_int8
+from backbones.runtimes import (
+    INT8_WEIGHT_LEVELS,
+    ExecuTorchNetwork,
+    OnnxRuntimeNetwork,
+    cpu_flags,
+    default_int8_scheme,
+    int8_cpu,
+    quantize_onnx,
+    to_executorch,
+)
+from tasks.common.batches import count_images
+from tasks.common.export.checks import MIN_AGREEMENT_COUNT, check_tolerance, since, worst_error
+from tasks.common.export.files import EXECUTORCH_FILE, EXECUTORCH_INT8_FILE, FUSED_WEIGHTS, ONNX_INT8_FILE
+from tasks.common.export.options import ExportContext, ExportOptions
+
+log = logging.getLogger(__name__)
+
+
+def deployment_files(
+    fused: nn.Module,
+    example_inputs: torch.Tensor,
+    fused_output: Any,
+    report: dict[str, Any],
+    writers: dict[str, tuple[str, Callable[[Path], object]]],
+    onnx_bytes_to_quantize: bytes | None,
+    options: ExportOptions,
+    context: ExportContext,
+) -> dict[str, nn.Module]:
+    """Build the INT8 ONNX and ExecuTorch files asked for, add their writers, and return a module
+    running each (by file name)."""
+    quantize = onnx_bytes_to_quantize is not None
+    calibration, quantized_modules, int8_activations = context.calibration, context.quantized_modules, context.int8_activations
+    dynamic_image_size, executorch = context.dynamic_image_size, options.executorch
+    if quantize and not calibration:
+        raise ValueError("INT8 quantization needs calibration images (batches of real training inputs); none were given")
+    files: dict[str, bytes] = {}
+    deployed: dict[str, nn.Module] = {}
+    trained_for_int8 = int8_activations is not None
+    int8_preparation = options.int8_preparation and not trained_for_int8
+    prepared_copies: dict[int | None, nn.Module] = {}
+
+    def prepared_for(levels: int | None) -> nn.Module:
+        """``prepare_for_int8``'s copy of ``fused`` for weights of ``levels``, made once (ONNX s8s8 and ExecuTorch share it)."""
+        if levels not in prepared_copies:
+            prepared_copies[levels] = prepare_for_int8(fused, calibration, levels, modules=quantized_modules)
+        return prepared_copies[levels]
+
+    if quantize:
+        started = time.perf_counter()
+        cpu = int8_cpu()
+        int8_scheme = options.int8_scheme or default_int8_scheme(cpu)
+        source = onnx_bytes_to_quantize
+        if int8_preparation:
+            source = to_onnx_bytes(prepared_for(INT8_WEIGHT_LEVELS[int8_scheme]), example_inputs, dynamic_image_size)
+        files[ONNX_INT8_FILE] = quantize_onnx(source, calibration, options.calibration_method, quantized_modules, scheme=int8_scheme,
+                                              activation_quantization=int8_activations)
+        deployed[ONNX_INT8_FILE] = OnnxRuntimeNetwork(files[ONNX_INT8_FILE])
+        report["int8_calibration"] = {
+            "images": count_images(calibration), "onnx_scheme": int8_scheme,
+            "onnx_method": (f"the ranges of quantization-aware training ({len(int8_activations)} tensors)" if trained_for_int8
+                            else options.calibration_method),
+            "cpu": cpu, "cpu_flags": cpu_flags(),
+            "preparation": "equalized activations, weight-rounding bias corrected (backbones.quantization)" if int8_preparation else None,
+            "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)" if executorch else None,
+        }
+        log.info("INT8 ONNX quantized (static QDQ, %s, activation ranges: %s on %d images; this CPU: %s) (%.1f s)", int8_scheme,
+                 report["int8_calibration"]["onnx_method"], count_images(calibration), cpu, since(started))
+    if executorch:
+        started = time.perf_counter()
+        files[EXECUTORCH_FILE] = to_executorch(fused, example_inputs, dynamic_image_size)
+        deployed[EXECUTORCH_FILE] = ExecuTorchNetwork(files[EXECUTORCH_FILE])
+        with torch.no_grad():
+            report["executorch_vs_pytorch_relative_error"] = worst_error(deployed[EXECUTORCH_FILE](example_inputs), fused_output)
+        log.info("ExecuTorch program (XNNPACK) lowered and run: relative error %.3e vs PyTorch (%.1f s)",
+                 report["executorch_vs_pytorch_relative_error"], since(started))
+        check_tolerance(report, "executorch_vs_pytorch_relative_error", options.tolerance, "the ExecuTorch program's output differs from PyTorch's")
+        if quantize:
+            started = time.perf_counter()
+            prepared = prepared_for(INT8_WEIGHT_LEVELS["s8s8"]) if int8_preparation else fused  # XNNPACK: int8 weights in [-127, 127]
+            files[EXECUTORCH_INT8_FILE] = to_executorch(prepared, example_inputs, dynamic_image_size, calibration, modules=quantized_modules)
+            deployed[EXECUTORCH_INT8_FILE] = ExecuTorchNetwork(files[EXECUTORCH_INT8_FILE])
+            log.info("INT8 ExecuTorch program (PT2E, XNNPACK) quantized and lowered (%.1f s)", since(started))
+    for name, content in files.items():
+        writers[name] = (name, lambda p, content=content: p.write_bytes(content))
+    return deployed
+
+
+class ComparedWithReference(nn.Module):
+    """Runs ``candidate`` and, on the same inputs, ``reference``; returns the candidate's outputs
+    and accumulates how the two differ (``summary()``)."""
+
+    def __init__(self, candidate: nn.Module, reference: nn.Module, agreement: Callable[[Any, Any], tuple[int, int]],
+                 name: str = "the deployed file") -> None:
+        super().__init__()
+        self.candidate, self.reference, self.agreement, self.name = candidate, reference, agreement, name
+        self.images = self.matched = self.compared = 0
+        self.squared_errors: list[float] = []
+        self.squared_norms: list[float] = []
+
+    def forward(self, images: torch.Tensor) -> Any:
+        with torch.no_grad():
+            output, expected = self.candidate(images), self.reference(images)
+        if not is_finite(output):
+            raise RuntimeError(f"{self.name} computes NaN or inf on a validation batch of {len(images)} images "
+                               "where the fused float32 network is finite; nothing was written")
+        matched, compared = self.agreement(output, expected)
+        self.images += len(images)
+        self.matched += matched
+        self.compared += compared
+        pairs = list(zip(output_tensors(output), output_tensors(expected)))
+        if not self.squared_errors:
+            self.squared_errors, self.squared_norms = [0.0] * len(pairs), [0.0] * len(pairs)
+        for index, (actual, reference) in enumerate(pairs):
+            self.squared_errors[index] += float((actual.double() - reference.double()).square().sum())
+            self.squared_norms[index] += float(reference.double().square().sum())
+        return output
+
+    def summary(self) -> dict[str, Any]:
+        errors = [(e / n) ** 0.5 if n > 0 else float("nan") for e, n in zip(self.squared_errors, self.squared_norms)]
+        return {
+            "images": self.images,
+            "relative_error": max(errors, default=float("nan")),
+            "agreement": self.matched / self.compared if self.compared >= MIN_AGREEMENT_COUNT else None,
+            "agreement_count": self.compared,
+        }
+
+
+def runtime_name(name: str) -> str:
+    if name.endswith(".pte"):
+        from importlib.metadata import version
+
+        return f"ExecuTorch {version('executorch')} (XNNPACK)"
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def compare_deployed(
+    fused: nn.Module,
+    deployed: dict[str, nn.Module],
+    example_inputs: torch.Tensor,
+    agreement: Callable[[Any, Any], tuple[int, int]],
+    evaluate: Callable[[nn.Module], dict[str, float]] | None,
+    metric: str | None,
+) -> dict[str, dict[str, Any]]:
+    """Each deployed file against the fused float32 model: on the validation set with its metrics
+    when ``evaluate`` is given, else on ``example_inputs``."""
+    records: dict[str, dict[str, Any]] = {}
+    reference_metric = None
+    if evaluate is not None:
+        started = time.perf_counter()
+        records[FUSED_WEIGHTS] = {"precision": "float32", "runtime": f"PyTorch {torch.__version__}", "validation": evaluate(fused)}
+        reference_metric = records[FUSED_WEIGHTS]["validation"].get(metric)
+        log.info("%s (float32, PyTorch) validated: %s %s (%.1f s)", FUSED_WEIGHTS, metric, _format(reference_metric), since(started))
+    for name, runner in deployed.items():
+        started = time.perf_counter()
+        compared = ComparedWithReference(runner, fused, agreement, name)
+        if evaluate is not None:
+            validation = evaluate(compared)
+        else:
+            validation = None
+            compared(example_inputs)
+        summary = compared.summary()
+        precision = "int8" if ".int8." in name else "float32"
+        records[name] = {"precision": precision, "runtime": runtime_name(name), "vs_float32": summary, "validation": validation}
+        value = (validation or {}).get(metric)
+        suffix = f"; {metric} {_format(value)} (float32 {_format(reference_metric)})" if validation is not None else ""
+        log.info("%s (%s, %s) on %d images: agrees with float32 on %s of %d predictions, relative error %.3e%s (%.1f s)",
+                 name, precision, records[name]["runtime"], summary["images"], _percent(summary["agreement"]),
+                 summary["agreement_count"], summary["relative_error"], suffix, since(started))
+    return records
+
+
+def _format(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
