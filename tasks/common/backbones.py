@@ -123,8 +123,7 @@ def classifier_network(
     class count is left freshly initialized (a warning says so), while weights of another width
     (another variant) raise ``load_checkpoint``'s error naming the file."""
     entry = _checked(backbone, backbone_kwargs)
-    weights = entry.resolve_weights(backbone, weights) if weights is not None else None
-    return entry.classifier(backbone, num_classes, weights, **(backbone_kwargs or {}))
+    return entry.classifier(backbone, num_classes, resolve_backbone_weights(backbone, weights), **(backbone_kwargs or {}))
 
 
 def _mobileone_classifier(variant: str, num_classes: int, weights: str | None, **kwargs: Any) -> nn.Module:
@@ -253,7 +252,7 @@ def feature_extractor(
     classification ``.ckpt`` files, for timm a local file timm can load.
     """
     entry = _checked(backbone, backbone_kwargs)
-    weights = entry.resolve_weights(backbone, weights) if weights is not None else None
+    weights = resolve_backbone_weights(backbone, weights)
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     return entry.features(backbone, output_stride, weights, **(backbone_kwargs or {}))
