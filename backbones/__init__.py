@@ -1,7 +1,14 @@
 """MobileOne backbone: network, reparameterization, checkpoint I/O and pretrained weights by name. Imports only torch."""
 
 from backbones.atomic import atomic_write_dir, atomic_write_file
-from backbones.checkpoint import CheckpointMismatchError, LoadReport, describe_state_dict, load_checkpoint, read_state_dict
+from backbones.checkpoint import (
+    CheckpointMismatchError,
+    LoadReport,
+    describe_state_dict,
+    leave_out_unfitting_classifier,
+    load_checkpoint,
+    read_state_dict,
+)
 from backbones.export import coreml_op_types, fold_batchnorm_, fuse_for_deployment, save_mlpackage, to_coreml, to_onnx_bytes, to_torchscript
 from backbones.factory import mobileone
 from backbones.hub import (
@@ -41,6 +48,7 @@ __all__ = [
     "describe_state_dict",
     "fold_batchnorm_",
     "fuse_for_deployment",
+    "leave_out_unfitting_classifier",
     "load_checkpoint",
     "mark_folded_batchnorms_",
     "mobileone",

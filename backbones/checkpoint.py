@@ -4,6 +4,7 @@ DDP and Lightning checkpoints."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -14,7 +15,10 @@ from torch import nn
 
 from backbones.network import VARIANTS, MobileOne, MobileOneBlock, variant_config
 
-__all__ = ["CheckpointMismatchError", "LoadReport", "describe_state_dict", "load_checkpoint", "read_state_dict"]
+__all__ = ["CheckpointMismatchError", "LoadReport", "describe_state_dict", "leave_out_unfitting_classifier", "load_checkpoint",
+           "read_state_dict"]
+
+log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("state_dict", "model")
 _MAX_LISTED = 12
@@ -31,6 +35,7 @@ class LoadReport:
     source: str
     prefix: str = ""
     dropped: list[str] = field(default_factory=list)
+    classifier_reinitialized: bool = False  # the file's classifier had another class count (see load_checkpoint)
     from_fused: int = 0  # train-form layers built from a fused file's convolutions (see load_checkpoint)
 
 
@@ -201,6 +206,28 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     return f"closest to MobileOne-{best.upper()} ({best_diff} keys differ), {form}{head}"
 
 
+def leave_out_unfitting_classifier(
+    state_dict: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], head: str, source: str
+) -> tuple[list[str], str | None]:
+    """The one rule for a checkpoint's classifier, for MobileOne (``head="linear."``) and the baselines
+    (torchvision's ``"classifier."``): the keys under ``head`` that the model does not have (it builds
+    no classifier: a feature extractor) or has with another leading dimension (another class count)
+    are removed from ``state_dict`` (in place): the model keeps its own for them. A classifier of the
+    same class count stays (a wrong width is left to the caller's shape check).
+
+    Returns the keys left out and, when the model has a classifier of another class count, the
+    warning to log once the load has succeeded.
+    """
+    dropped = [k for k in state_dict if k.startswith(head) and (k not in expected or state_dict[k].shape[:1] != expected[k].shape[:1])]
+    weight = next((k for k in dropped if k in expected and k.endswith("weight")), None)
+    warning = None if weight is None else (
+        f"weights {source} have a {state_dict[weight].shape[0]}-class classifier, the model has "
+        f"{expected[weight].shape[0]} classes: the classifier is re-initialized")
+    for key in dropped:
+        del state_dict[key]
+    return dropped, warning
+
+
 def _format_keys(keys: list[str]) -> str:
     listed = ", ".join(keys[:_MAX_LISTED])
     return listed + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
@@ -222,9 +249,12 @@ def load_checkpoint(
     Lightning ``.ckpt`` files, whose task prefix (``model.``, ``model.backbone.``, ...) in front of
     ``stage0.`` is found and stripped (or given as ``prefix``); keys outside it are ignored.
 
-    The classifier (``linear.*``) is left out when ``ignore_classifier`` is True, and by default
-    when the model is a feature extractor; stages a feature extractor did not build are left out
-    too. Anything else that does not fit raises :class:`CheckpointMismatchError` listing missing,
+    The classifier (``linear.*``): by default (``ignore_classifier=None``) it loads when the model
+    has one of the same class count and is left out otherwise (a feature extractor has none; one of
+    another class count keeps its fresh initialization, a warning says so and the report's
+    ``classifier_reinitialized`` is set): :func:`leave_out_unfitting_classifier`. ``True`` always
+    leaves it out, ``False`` loads it strictly. Stages a feature extractor did not build are left
+    out too. Anything else that does not fit raises :class:`CheckpointMismatchError` listing missing,
     unexpected and wrongly shaped keys and saying which variant and form the file looks like.
 
     A fused (inference-form) file loads into a train-form model too, for fine-tuning: each layer's
@@ -237,10 +267,11 @@ def load_checkpoint(
     state_dict, prefix, source, from_timm = _read_state_dict(checkpoint, prefix, weights_only)
     from_fused = _train_form_from_fused(model, state_dict)
 
-    if ignore_classifier is None:
-        ignore_classifier = getattr(model, "out_indices", None) is not None
     expected = model.state_dict()
-    dropped = []
+    as_read = dict(state_dict)  # for the error message: the classifier may be left out below
+    dropped, warning = [], None
+    if ignore_classifier is None:
+        dropped, warning = leave_out_unfitting_classifier(state_dict, expected, "linear.", source)
     for key in list(state_dict):
         root = key.split(".", 1)[0]
         unbuilt_stage = re.fullmatch(r"stage\d", root) is not None and not hasattr(model, root)
@@ -251,12 +282,9 @@ def load_checkpoint(
     for key in expected:
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = expected[key]
-    if ignore_classifier:
-        for key in expected:
-            if key.split(".", 1)[0] == "linear":
-                state_dict[key] = expected[key]
+    own = {k for k in expected if k.startswith("linear.") and (ignore_classifier or k in dropped)}  # the model's classifier kept
 
-    missing = sorted(set(expected) - set(state_dict))
+    missing = sorted(set(expected) - set(state_dict) - own)
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = sorted(
         f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
@@ -266,7 +294,7 @@ def load_checkpoint(
     if missing or unexpected or wrong_shape:
         lines = [f"checkpoint {source} does not fit {type(model).__name__}."]
         layout = ", in timm's layout" if from_timm else ""
-        lines.append(f"  The file looks like: {describe_state_dict(state_dict)}{layout}.")
+        lines.append(f"  The file looks like: {describe_state_dict(as_read)}{layout}.")
         lines.append(f"  The model looks like: {describe_state_dict(expected)}.")
         file_fused = any(".reparam_conv." in k for k in state_dict)
         model_fused = any(".reparam_conv." in k for k in expected)
@@ -287,10 +315,13 @@ def load_checkpoint(
         if prefix:
             lines.append(f"  (keys were read under the prefix {prefix!r})")
         raise CheckpointMismatchError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict({**state_dict, **{k: expected[k] for k in own}}, strict=True)
     for layer in from_fused:
         layer.from_fused = True
-    return LoadReport(source=source, prefix=prefix, dropped=sorted(dropped), from_fused=len(from_fused))
+    if warning:
+        log.warning(warning)
+    return LoadReport(source=source, prefix=prefix, dropped=sorted(dropped), classifier_reinitialized=warning is not None,
+                      from_fused=len(from_fused))
 
 
 def _train_form_from_fused(model: nn.Module, state_dict: dict) -> list[MobileOneBlock]:

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from backbones.checkpoint import load_checkpoint
-from backbones.hub import is_apple_weights, resolve_weights
+from backbones.hub import resolve_weights
 from backbones.network import DEFAULT_BLOCKS_PER_STAGE, MobileOne, variant_config
 
 
@@ -26,10 +26,10 @@ def mobileone(
     placement (last 5 blocks of stage 3 and the last block of stage 4) on or off.
 
     ``pretrained=True`` loads Apple's ImageNet weights (train form; the fused file when
-    ``inference_mode=True``), downloaded once and cached (see :mod:`backbones.hub`); their
-    classifier is left out for a feature extractor (``out_indices``) or when ``num_classes`` is
-    not 1000. ``weights`` loads a local file, ``"apple"`` or ``"hf-hub:<owner>/<repo>[/<file>]"``
-    instead (strictly, see :func:`backbones.checkpoint.load_checkpoint`); ``weights_sha256`` pins
+    ``inference_mode=True``), downloaded once and cached (see :mod:`backbones.hub`); ``weights``
+    loads a local file, ``"apple"`` or ``"hf-hub:<owner>/<repo>[/<file>]"`` instead, strictly but for
+    the classifier (see :func:`backbones.checkpoint.load_checkpoint`): it is left out for a feature
+    extractor (``out_indices``) and re-initialized for another ``num_classes``. ``weights_sha256`` pins
     the file's SHA-256.
     """
     name = variant.lower().removeprefix("mobileone_")
@@ -44,9 +44,5 @@ def mobileone(
     model = MobileOne(**config)
     spec = "apple" if pretrained else weights
     if spec is not None:
-        apple = is_apple_weights(spec)
-        path = resolve_weights(spec, name, inference_mode=model.inference_mode, sha256=weights_sha256)
-        # Apple's files hold a 1000-class ImageNet classifier: keep it only for a model that has one.
-        ignore_classifier = True if apple and model.num_classes != 1000 else None
-        load_checkpoint(model, path, ignore_classifier=ignore_classifier)
+        load_checkpoint(model, resolve_weights(spec, name, inference_mode=model.inference_mode, sha256=weights_sha256))
     return model

@@ -153,7 +153,6 @@ class MobileOneBackbone(MobileOne, BaseModule):
                 self,
                 checkpoint,
                 prefix=cfg.get("prefix"),
-                ignore_classifier=True,
                 weights_only=cfg.get("weights_only", True),
             )
         except ValueError as error:  # includes CheckpointMismatchError

@@ -6,6 +6,7 @@ shapes; ``apple_forward`` computes the logits from such a state dict with functi
 Apple's ``MobileOneBlock.forward`` does. Our model must load these dicts strictly and agree.
 """
 
+import logging
 from dataclasses import dataclass
 
 import pytest
@@ -173,12 +174,36 @@ def test_feature_extractor_drops_classifier_and_unbuilt_stages():
     assert "linear.weight" in report.dropped and all(k.startswith(("linear.", "stage4.")) for k in report.dropped)
     assert torch.equal(features.stage3[5].rbr_conv[0].conv.weight, sd["stage3.5.rbr_conv.0.conv.weight"])
 
+    assert not report.classifier_reinitialized, "a feature extractor has no classifier to re-initialize"
+
     classifier = mobileone("s2", num_classes=10)
     own_head = classifier.linear.weight.clone()
     load_checkpoint(classifier, sd, ignore_classifier=True)
     assert torch.equal(classifier.linear.weight, own_head)
     with pytest.raises(CheckpointMismatchError, match=r"linear.weight \(file \(21, 2048\), model \(10, 2048\)\)"):
-        load_checkpoint(mobileone("s2", num_classes=10), sd)
+        load_checkpoint(mobileone("s2", num_classes=10), sd, ignore_classifier=False)
+
+
+def test_classifier_rule_keeps_same_class_count_and_reinitializes_another(caplog):
+    """One rule (load_checkpoint's default): the file's classifier loads into one of the same class
+    count, another class count keeps the model's own with a warning, and a wrong width is an error."""
+    sd = apple_state_dict("s0", fused=False, num_classes=21)
+    same = mobileone("s0", num_classes=21)
+    assert not load_checkpoint(same, sd).classifier_reinitialized
+    assert torch.equal(same.linear.weight, sd["linear.weight"])
+
+    other = mobileone("s0", num_classes=10)
+    own_head = other.linear.weight.clone()
+    with caplog.at_level(logging.WARNING, logger="backbones.checkpoint"):
+        report = load_checkpoint(other, sd)
+    assert report.classifier_reinitialized and report.dropped == ["linear.bias", "linear.weight"]
+    assert torch.equal(other.linear.weight, own_head)
+    assert torch.equal(other.stage4[0].rbr_conv[0].conv.weight, sd["stage4.0.rbr_conv.0.conv.weight"])
+    assert "have a 21-class classifier, the model has 10 classes: the classifier is re-initialized" in caplog.text
+
+    wrong_width = {**sd, "linear.weight": torch.zeros(21, 512)}
+    with pytest.raises(CheckpointMismatchError, match=r"linear.weight \(file \(21, 512\), model \(21, 1024\)\)"):
+        load_checkpoint(mobileone("s0", num_classes=21), wrong_width)
 
 
 def test_file_without_num_batches_tracked_loads():

@@ -38,10 +38,10 @@ from backbones import (
     FeatureInfo,
     WeightsDownloadError,
     is_apple_weights,
+    leave_out_unfitting_classifier,
     load_checkpoint,
     mark_folded_batchnorms_,
     mobileone,
-    read_state_dict,
     resolve_weights,
 )
 
@@ -98,14 +98,13 @@ def _torchvision_network(name: str, weights: str | None, num_classes: int = 1000
     network = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if weights:
         state = _read_torchvision_state_dict(weights, network)
-        own = network.state_dict()
-        head = [k for k in state if k.startswith("classifier.") and (k not in own or own[k].shape != state[k].shape)]
-        for key in head:  # another class count: the classifier stays freshly initialized
-            del state[key]
+        head, warning = leave_out_unfitting_classifier(state, network.state_dict(), "classifier.", weights)
         missing, unexpected = network.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not (head and k.startswith("classifier."))]
+        missing = [k for k in missing if k not in head]
         if missing or unexpected:
             raise ValueError(f"{weights} does not fit torchvision's {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if warning:
+            log.warning(warning)
         folded = mark_folded_batchnorms_(network)
         if folded:  # e.g. a quantized release dequantized: conv + BatchNorm fused, every BatchNorm an identity plus bias
             log.info("weights %s: %d BatchNorms hold folded weights (identity statistics); they are calibrated on "
@@ -127,15 +126,9 @@ def classifier_network(
 
 
 def _mobileone_classifier(variant: str, num_classes: int, weights: str | None, **kwargs: Any) -> nn.Module:
-    state = read_state_dict(weights) if weights else None
     network = mobileone(variant, num_classes=num_classes, **kwargs)
-    if state is not None:
-        head = state.get("linear.weight")
-        other_classes = head is not None and head.shape[0] != network.linear.weight.shape[0]
-        report = load_checkpoint(network, weights, ignore_classifier=other_classes)  # the path: errors name it
-        if other_classes:
-            log.warning("weights %s have a %d-class classifier, the model has %d classes: the classifier is re-initialized",
-                        weights, head.shape[0], num_classes)
+    if weights:
+        report = load_checkpoint(network, weights)  # a classifier of another class count: re-initialized, with a warning
         log.info("loaded weights from %s%s%s", weights, f" (left out: {len(report.dropped)} keys)" if report.dropped else "",
                  f"; {report.from_fused} layers built in train form from its fused convolutions" if report.from_fused else "")
     return network
