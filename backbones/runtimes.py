@@ -373,19 +373,27 @@ def _lower(
 
 class OnnxRuntimeNetwork(nn.Module):
     """Runs an ONNX file (its bytes) in onnxruntime on CPU: tensors in, tensors out (a tuple for
-    several outputs). ``threads`` sets onnxruntime's intra-op threads (0: its default)."""
+    several outputs). ``threads`` sets onnxruntime's intra-op threads (0: its default);
+    ``spin_wait=False`` stops its threads spinning after a run (for sessions timed interleaved with
+    others, whose idle spinning threads would take the cores)."""
 
-    def __init__(self, onnx_bytes: bytes, threads: int = 0) -> None:
+    def __init__(self, onnx_bytes: bytes, threads: int = 0, spin_wait: bool = True) -> None:
         super().__init__()
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
+        if not spin_wait:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
+    def run_array(self, images: Any) -> list[Any]:
+        """The session's outputs (numpy arrays) for one float32 numpy array: no tensor conversion, for timing."""
+        return self.session.run(None, {self.input_name: images})
+
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        outputs = self.session.run(None, {self.input_name: images.detach().cpu().float().contiguous().numpy()})
+        outputs = self.run_array(images.detach().cpu().float().contiguous().numpy())
         tensors = tuple(torch.from_numpy(output) for output in outputs)
         return tensors[0] if len(tensors) == 1 else tensors
 

@@ -46,11 +46,11 @@ import torchvision
 from backbones import mobileone, reparameterize_model, to_onnx_bytes
 from backbones.atomic import atomic_write_file
 from backbones.export import FORBIDDEN_ONNX_OPS, fold_batchnorm_
-from backbones.runtimes import ExecuTorchNetwork, quantize_onnx, to_executorch
+from backbones.runtimes import ExecuTorchNetwork, OnnxRuntimeNetwork, quantize_onnx, to_executorch
 from benchmarks.machine import describe_machine
 from benchmarks.timing import median_and_quartiles, time_ms, write_csv
+from tasks.common.backbones import BASELINE_BACKBONES, classifier_network
 
-PEERS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 # ImageNet top-1 for the plot: the paper's Table for MobileOne; torchvision's own documented
 # figure of each peer's default weights (``weights.meta``), read at run time.
 PAPER_TOP1 = {"s0": 71.4, "s1": 75.9, "s2": 77.4, "s3": 78.1, "s4": 79.4}
@@ -109,8 +109,8 @@ def models(variants: list[str], unfused: str = "first", peers: bool = True) -> d
             built[f"mobileone_{variant} (unfused)"] = train_form
     if not peers:
         return built
-    for name in PEERS:
-        built[name] = getattr(torchvision.models, name)().eval()
+    for name in BASELINE_BACKBONES:  # built as the tasks build them
+        built[name] = classifier_network(name, num_classes=1000).eval()
     try:  # timm's MobileOne, the other public implementation (optional: pip install timm)
         import timm
         from timm.utils import reparameterize_model as timm_reparameterize
@@ -125,7 +125,7 @@ def top1(name: str) -> float | None:
     """Documented ImageNet top-1 of a benchmarked model, or None (timm's copies are not plotted)."""
     if name.startswith("mobileone_"):
         return PAPER_TOP1.get(name.split()[0].removeprefix("mobileone_"))
-    if name in PEERS:
+    if name in BASELINE_BACKBONES:
         return torchvision.models.get_model_weights(name).DEFAULT.meta["_metrics"]["ImageNet-1K"]["acc@1"]
     return None
 
@@ -138,8 +138,6 @@ def runner(
     if backend.kind == "executorch":
         return _executorch_runner(model, backend)
     if backend.kind == "ort":
-        import onnxruntime
-
         key = (id(model), backend.int8)
         if (id(model), False) not in onnx_cache:
             # fused MobileOne must have no BatchNorm left (checked); the train form and the peers keep
@@ -151,14 +149,8 @@ def runner(
         if key not in onnx_cache:
             onnx_cache[key] = quantize_onnx(onnx_cache[id(model), False], [torch.randn(8, 3, 224, 224)])
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = backend.threads
-        options.inter_op_num_threads = 1
         # no spin-waiting after a run: the idle pools of the other interleaved sessions would steal the cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(onnx_cache[key], options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})
+        return OnnxRuntimeNetwork(onnx_cache[key], backend.threads, spin_wait=False).run_array
 
     memory_format = torch.channels_last if backend.channels_last else torch.contiguous_format
     # a copy: .to(dtype) and torch.compile must not leak from one backend into the next

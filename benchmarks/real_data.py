@@ -62,34 +62,45 @@ class Setting:
     dataset: str
     config: str
     data_dir: str  # under --datasets-root
-    metric: str  # the task's declared validation_metric, without the "val/" prefix
+    task_class: type[BaseTask]  # what the metric and the weights option are read from
     extra_metrics: tuple[str, ...]
     pretrained_config: str  # the fine-tuning recipe (--pretrained)
-    weights_option: str  # the CLI option that takes ImageNet weights
 
     def config_for(self, start: str) -> str:
         return self.pretrained_config if start == IMAGENET else self.config
 
+    @property
+    def metric(self) -> str:
+        """The metric the task declares (``validation_metric``, all higher-is-better here), as its logs name it under ``val/``."""
+        if self.task_class.validation_metric_mode != "max":
+            raise ValueError(f"{self.task_class.__name__}.validation_metric is lower-is-better: the summaries assume higher")
+        return self.task_class.validation_metric.removeprefix("val/")
 
-def _metric(task: type[BaseTask]) -> str:
-    """The metric a task declares (``validation_metric``, all higher-is-better here), as its logs name it under ``val/``."""
-    if task.validation_metric_mode != "max":
-        raise ValueError(f"{task.__name__}.validation_metric {task.validation_metric} is lower-is-better: the summaries assume higher")
-    return task.validation_metric.removeprefix("val/")
+    @property
+    def weights_option(self) -> str:
+        """The CLI option that takes ImageNet weights (the task's declared ``weights_hparam``)."""
+        return f"--model.{self.task_class.weights_hparam}"
+
+    def summary(self) -> dict:
+        """The setting as ``summary.json`` records it (the task class by its import path)."""
+        return {"task": self.task, "dataset": self.dataset, "config": self.config, "data_dir": self.data_dir,
+                "task_class": f"{self.task_class.__module__}.{self.task_class.__qualname__}", "metric": self.metric,
+                "extra_metrics": list(self.extra_metrics), "pretrained_config": self.pretrained_config,
+                "weights_option": self.weights_option}
 
 
 SETTINGS = {
     "classification": Setting(
         "classification", "hymenoptera (ants / bees)", "configs/classification/hymenoptera.yaml", "hymenoptera",
-        _metric(ImageClassificationTask), (), "configs/classification/hymenoptera_pretrained.yaml", "--model.weights",
+        ImageClassificationTask, (), "configs/classification/hymenoptera_pretrained.yaml",
     ),
     "detection": Setting(
         "detection", "fruits (Pascal VOC XML as published)", "configs/detection/fruits_voc.yaml", "fruits/voc",
-        _metric(ObjectDetectionTask), ("mAP_50", "mAP_75"), "configs/detection/fruits_voc_pretrained.yaml", "--model.backbone_weights",
+        ObjectDetectionTask, ("mAP_50", "mAP_75"), "configs/detection/fruits_voc_pretrained.yaml",
     ),
     "segmentation": Setting(
         "segmentation", "CamVid (11 classes)", "configs/segmentation/camvid.yaml", "camvid",
-        _metric(SemanticSegmentationTask), ("pixel_acc",), "configs/segmentation/camvid_pretrained.yaml", "--model.backbone_weights",
+        SemanticSegmentationTask, ("pixel_acc",), "configs/segmentation/camvid_pretrained.yaml",
     ),
 }
 
@@ -194,7 +205,7 @@ def run_one(setting: Setting, backbone: str, datasets_root: Path, work_root: Pat
     checkpoint = work / "checkpoints" / "last.ckpt"
     inputs = _predict_inputs(setting, data, work, predictions)
     output = work / "predictions"
-    writer = {
+    writer = {  # the writers' public options: classification writes one CSV file, the dense tasks a folder of pictures
         "classification": ["--predictions.output", str(output / "predictions.csv")],
         "detection": ["--predictions.output", str(output), f"--predictions.draw_threshold={DRAWN_SCORE}"],
         "segmentation": ["--predictions.output", str(output)],
@@ -490,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "commands": [command],
         "machine": describe_machine("cpu", None),
-        "settings": {t: {**vars(s), "extra_metrics": list(s.extra_metrics)} for t, s in settings.items()},
+        "settings": {t: s.summary() for t, s in settings.items()},
         "class_order": json.loads(classes_file.read_text()) if classes_file.is_file() else [],
         "runs": [{k: v for k, v in run.items() if k not in ("predictions", "inputs")} for run in runs],
         "imagenet": [imagenet_top1(backbone, path, args.datasets_root / "imagenet-sample", args.work_dir)

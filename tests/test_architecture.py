@@ -2,6 +2,7 @@
 (layers benchmarks → tasks → tasks.common → backbones, the three tasks independent, ``backbones``
 free of Lightning, no import cycle) and ``ruff check`` with ``ruff.toml``."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -27,3 +28,18 @@ def test_import_contracts_hold():
 def test_ruff_finds_nothing():
     completed = subprocess.run([_tool("ruff"), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def _spin_count_after_import(argv0: str | None, preset: str | None) -> str:
+    """GOMP_SPINCOUNT in a fresh interpreter after ``import tasks``, with ``sys.argv[0]`` as Python
+    sets it while locating ``python -m tasks.<task>`` ("-m") or left as ``-c``."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": preset} if preset else {})
+    set_argv = f"sys.argv[0] = {argv0!r}; " if argv0 else ""
+    code = f"import os, sys; {set_argv}import tasks; print(os.environ.get('GOMP_SPINCOUNT'))"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_only_the_task_command_lines_shorten_openmp_spinning():
+    assert _spin_count_after_import("-m", None) == "1000", "python -m tasks.<task> sets it for its own process"
+    assert _spin_count_after_import(None, None) == "None", "importing the library leaves the environment alone"
+    assert _spin_count_after_import("-m", "300000") == "300000", "a value the user set is kept"

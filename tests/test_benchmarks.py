@@ -134,7 +134,7 @@ def test_real_data_reads_curves_and_rewrites_only_its_section(tmp_path):
     run = {"task": "segmentation", "backbone": "mobileone_s0", "seed": 0, "epochs": 2, "wall_s": 90.0, "final": curve[-1],
            "untrained": {"mIoU": 0.01}, "curve": curve}
     summary = {"commands": ["python -m benchmarks.real_data"], "machine": "test box", "class_order": ["road"],
-               "settings": {"segmentation": {**vars(setting), "extra_metrics": list(setting.extra_metrics)}}, "runs": [run]}
+               "settings": {"segmentation": setting.summary()}, "runs": [run]}
     section = markdown(summary)
     assert "| segmentation | CamVid (11 classes) | mobileone_s0 | scratch | 0 | 2 | mIoU | **40.0** | 32.5 ± 10.6 | 1.0 |" in section
     assert "| mobileone_s0 | scratch | 0 | 75.0 |" in section, "per-class IoU row"
@@ -234,3 +234,17 @@ def test_shortcut_ablation_adds_and_removes_identity_paths_without_changing_para
     assert remove_shortcuts(network) == 10  # MobileNetV2's stride-1 blocks with equal in/out widths
     assert remove_shortcuts(network) == 0
     assert not torch.allclose(network(images)[0], before)
+
+
+def test_real_data_reads_each_tasks_declarations():
+    """The benchmark's metric and weights option come from the task classes: each names an __init__
+    argument and the metric the task logs."""
+    import inspect
+
+    from benchmarks.real_data import SETTINGS
+
+    expected = {"classification": ("acc1", "--model.weights"), "detection": ("mAP", "--model.backbone_weights"),
+                "segmentation": ("mIoU", "--model.backbone_weights")}
+    for task, setting in SETTINGS.items():
+        assert (setting.metric, setting.weights_option) == expected[task]
+        assert setting.task_class.weights_hparam in inspect.signature(setting.task_class.__init__).parameters

@@ -120,6 +120,7 @@ class ImageClassificationTask(BaseTask):
 
     # export (see tasks.common.export.export_task)
     validation_metric = "val/acc1"
+    weights_hparam = "weights"
     export_check_images = 32
 
     def export_metadata(self, datamodule: pl.LightningDataModule | None) -> dict[str, Any]:

@@ -277,9 +277,9 @@ class TaskCLI(LightningCLI):
         super()._parse_ckpt_path()
         if ckpt_path:  # the checkpoint holds the weights: initial weights by name need no download (nor network)
             model = self.config[subcommand].get("model") or {}
-            for key in ("weights", "backbone_weights"):
-                if key in model and is_named_weights(model[key]):
-                    model[key] = None
+            key = self.model_class.weights_hparam
+            if key and key in model and is_named_weights(model[key]):
+                model[key] = None
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

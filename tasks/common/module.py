@@ -138,6 +138,9 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
       weight decay on BatchNorm parameters and biases);
     - ``validation_metric`` (and ``validation_metric_mode`` if lower is better): the logged metric
       that ``TaskCheckpoint``, the export and the benchmarks quote;
+    - ``weights_hparam`` if it takes initial weights (by name such as ``"apple"`` too): the
+      argument's name, which the CLI clears when a ``--ckpt_path`` holds the weights and the
+      benchmarks give ImageNet files to;
     - the export protocol of ``tasks.common.export.export_task``:
       ``export_metadata(datamodule)``, and where the defaults do not fit, ``export_network()``
       (default ``self.model``), ``export_images(batch)`` (default ``batch[0]``),
@@ -154,6 +157,7 @@ class BaseTask(CheckpointStateMixin, ChannelsLastMixin, pl.LightningModule):
     model: nn.Module
     validation_metric: str  # the task's headline metric, e.g. "val/acc1": what checkpoints follow and an export quotes
     validation_metric_mode: Literal["max", "min"] = "max"  # whether a higher or a lower validation_metric is better
+    weights_hparam: str | None = None  # the __init__ argument taking initial (e.g. ImageNet) weights, if any: "weights", ...
     export_check_images = 8  # validation images the export compares the fused and trained networks on
     fused_calibration_batches = 8  # training batches that calibrate MobileOne layers built from a fused file
 

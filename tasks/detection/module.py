@@ -123,6 +123,7 @@ class ObjectDetectionTask(BaseTask):
 
     # export (see tasks.common.export.export_task)
     validation_metric = "val/mAP"
+    weights_hparam = "backbone_weights"
     # INT8 covers SSDRawOutputs' backbone, neck and head; box decoding and softmax stay float32
     # (in XNNPACK, an INT8 decoding fails to compile; in onnxruntime it costs box precision)
     export_quantized_modules = ("features", "head")

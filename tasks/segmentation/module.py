@@ -152,6 +152,7 @@ class SemanticSegmentationTask(BaseTask):
 
     # export (see tasks.common.export.export_task)
     validation_metric = "val/mIoU"
+    weights_hparam = "backbone_weights"
 
     def export_network(self) -> nn.Module:
         model = copy.deepcopy(self.model)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from backbones.export import coreml_op_types, output_tensors, to_coreml, to_onnx_bytes
+from backbones.runtimes import OnnxRuntimeNetwork
 from tasks.common.export.checks import worst_error
 from tasks.common.export.files import COREML_FILE
 
@@ -81,9 +82,6 @@ def onnx_export(
     fused: nn.Module, example_inputs: torch.Tensor, expected: Any, dynamic_image_size: bool
 ) -> tuple[bytes, float]:
     """The ONNX file's bytes and its relative error against ``expected`` (PyTorch's output) in onnxruntime."""
-    import onnxruntime
-
     content = to_onnx_bytes(fused, example_inputs, dynamic_image_size)
-    session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
-    actual = session.run(None, {session.get_inputs()[0].name: example_inputs.numpy()})
+    actual = OnnxRuntimeNetwork(content).run_array(example_inputs.numpy())
     return content, worst_error([torch.from_numpy(a) for a in actual], expected)
