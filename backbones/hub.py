@@ -16,7 +16,6 @@ import hashlib
 import http.client
 import os
 import re
-import socket
 import sys
 import urllib.error
 import urllib.parse
@@ -213,7 +212,7 @@ def download_weights(url: str, sha256: str | None = None, timeout: float = 30.0,
             raise _download_failed(url, path, f"HTTP {error.code} {error.reason}") from error
         except urllib.error.URLError as error:
             reason = error.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
+            if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError since Python 3.10
                 reason = f"no answer within {timeout:g} s"
             raise _download_failed(url, path, f"{reason}") from error
         except TimeoutError as error:

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from tasks.classification.data import ImageFolderDataModule, make_demo_dataset
 from tasks.classification.module import ImageClassificationTask
 from tasks.common.data import CorruptImageError, PredictImages, read_image
-from tasks.detection.data import CocoAnnotations, COCODetection, InvalidAnnotationError
+from tasks.detection.data import CocoAnnotations, DetectionDataModule, InvalidAnnotationError
 from tasks.segmentation.data import SegmentationDataModule
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -88,8 +88,8 @@ def write_coco(root: Path, images: list[dict], annotations: list[dict], sizes: d
     return path
 
 
-def coco_module(ann: Path, strict: bool = False) -> COCODetection:
-    return COCODetection(train_ann=str(ann), train_images=str(ann.parent / "imgs"), val_ann=str(ann),
+def coco_module(ann: Path, strict: bool = False) -> DetectionDataModule:
+    return DetectionDataModule(train_ann=str(ann), train_images=str(ann.parent / "imgs"), val_ann=str(ann),
                          val_images=str(ann.parent / "imgs"), num_workers=0, strict=strict)
 
 
@@ -226,7 +226,7 @@ def test_every_predict_dataset_reads_deep_images_as_8bit(tmp_path):
     datasets = {
         "classification": (classification.predict_dataset, classification.eval_transform()),
         "segmentation": (segmentation.predict_dataset, segmentation.eval_transform()),
-        "detection": (PredictImages(folder, v2.ToDtype(torch.float32, scale=True)),  # what COCODetection reads predict_dir with
+        "detection": (PredictImages(folder, v2.ToDtype(torch.float32, scale=True)),  # what DetectionDataModule reads predict_dir with
                       lambda image: v2.functional.to_dtype(image, torch.float32, scale=True)),
     }
     for task, (dataset, transform) in datasets.items():
@@ -329,7 +329,7 @@ def _detection_case(tmp_path: Path):
            root / "val2017" / sorted(p.name for p in (root / "val2017").iterdir())[0]]
 
     def data(**kwargs):
-        return COCODetection(root=str(root), image_size=64, batch_size=3, val_batch_size=2, num_workers=2,
+        return DetectionDataModule(root=str(root), image_size=64, batch_size=3, val_batch_size=2, num_workers=2,
                              persistent_workers=False, **kwargs)
 
     def model():

@@ -20,7 +20,7 @@ from torchvision.models.detection.image_list import ImageList
 from tasks.common.data import IMAGENET_MEAN, IMAGENET_STD
 from tasks.detection import formats
 from tasks.detection.__main__ import DetectionCLI, main
-from tasks.detection.data import CocoAnnotations, COCODetection, InvalidAnnotationError, collate_lists, make_demo_coco
+from tasks.detection.data import CocoAnnotations, DetectionDataModule, InvalidAnnotationError, collate_lists, make_demo_coco
 from tasks.detection.module import ObjectDetectionTask
 from tasks.detection.ssdlite import ssdlite
 
@@ -199,7 +199,8 @@ def test_map_equals_pycocotools(tmp_path):
     evaluation.accumulate()
     evaluation.summarize()
 
-    data = COCODetection(train_ann=str(ann), train_images=str(tmp_path / "imgs"), val_ann=str(ann), val_images=str(tmp_path / "imgs"), num_workers=0)
+    data = DetectionDataModule(train_ann=str(ann), train_images=str(tmp_path / "imgs"), val_ann=str(ann), val_images=str(tmp_path / "imgs"),
+                               num_workers=0)
     data.setup("validate")
     task = ObjectDetectionTask("mobileone_s0", num_classes=4)
     labels = {cid: label for label, cid in data.category_ids.items()}
@@ -240,7 +241,8 @@ def test_bad_annotations_warned_per_kind_or_raised(tmp_path):
     with pytest.raises(InvalidAnnotationError, match=r"ann.json: image id 2: file .*gone.png is missing"):
         CocoAnnotations(ann, tmp_path / "imgs", strict=True)
 
-    data = COCODetection(train_ann=str(ann), train_images=str(tmp_path / "imgs"), val_ann=str(ann), val_images=str(tmp_path / "imgs"), num_workers=0)
+    data = DetectionDataModule(train_ann=str(ann), train_images=str(tmp_path / "imgs"), val_ann=str(ann), val_images=str(tmp_path / "imgs"),
+                               num_workers=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         data.setup("fit")
@@ -252,7 +254,7 @@ def test_bad_annotations_warned_per_kind_or_raised(tmp_path):
 
 def test_missing_coco_root_shows_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"instances_train2017.json does not exist; expected COCO 2017"):
-        COCODetection(root=str(tmp_path))
+        DetectionDataModule(root=str(tmp_path))
 
 
 DETECTION_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "detection").glob("*.yaml"))
@@ -352,7 +354,7 @@ def test_export_to_int8_and_executorch_runs_the_deployed_post_processing(coco_ro
     int8_files = ["model.int8.onnx", "model.int8.pte"]
     assert sorted(deployed) == sorted(["model_fused.pt", "model.pte", *int8_files])
 
-    cli = DetectionCLI(ObjectDetectionTask, COCODetection, args=["validate", "--config", CONFIG, "--data.root", str(coco_root),
+    cli = DetectionCLI(ObjectDetectionTask, DetectionDataModule, args=["validate", "--config", CONFIG, "--data.root", str(coco_root),
                                                                  "--trainer.default_root_dir", str(tmp_path), f"--ckpt_path={checkpoint}"])
     validated = {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
     fused = deployed["model_fused.pt"]["validation"]

@@ -15,7 +15,7 @@ from PIL import Image
 from tasks.common.data import read_image
 from tasks.detection import formats
 from tasks.detection.coco_eval import CocoEvaluation
-from tasks.detection.data import CocoAnnotations, COCODetection, CocoImages, InvalidAnnotationError
+from tasks.detection.data import CocoAnnotations, CocoImages, DetectionDataModule, InvalidAnnotationError
 from tasks.detection.formats import VocFolders, VocLayout, YoloLayout, yolo_class_names
 
 DATASETS = Path(os.environ.get("MOBILEONE_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
@@ -110,7 +110,7 @@ def test_voc_layout_reads_boxes_labels_sizes(tmp_path):
         "000002": ((40, 50), [("cat", [0, 0, 40, 50], 0)]),
     }
 
-    data = COCODetection(root=str(root), format="voc", num_workers=0)
+    data = DetectionDataModule(root=str(root), format="voc", num_workers=0)
     assert isinstance(data.reader, VocLayout) and data.class_names == ["cat", "dog"] and data.num_classes == 3
     with pytest.warns(UserWarning, match=r"val.txt \(Pascal VOC\): fixed or dropped bad annotations \(unknown class: 1\)"):
         data.setup("validate")
@@ -133,7 +133,7 @@ def test_each_annotation_file_is_parsed_once_a_run(tmp_path, voc_pairs, monkeypa
     for data_root, expected in ((root, ["train.txt", "000001.xml", "000002.xml", "val.txt", "000003.xml"]),
                                 (voc_pairs, ["a.xml", "b.xml", "c.xml", "d.xml"])):
         read.clear()
-        data = COCODetection(root=str(data_root), format="voc", image_size=32, batch_size=2, num_workers=0)
+        data = DetectionDataModule(root=str(data_root), format="voc", image_size=32, batch_size=2, num_workers=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for stage in ("fit", "validate"):
@@ -323,7 +323,7 @@ def test_yolo_bad_lines_counted_or_raised(tmp_path):
 
 # The data module ---------------------------------------------------------------------------------
 
-def check_data_module(data: COCODetection, class_names: list[str]) -> None:
+def check_data_module(data: DetectionDataModule, class_names: list[str]) -> None:
     assert data.class_names == class_names and data.num_classes == len(class_names) + 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -337,17 +337,17 @@ def check_data_module(data: COCODetection, class_names: list[str]) -> None:
 
 
 def test_data_module_voc_pairs(voc_pairs):
-    data = COCODetection(root=str(voc_pairs), format="voc", image_size=32, batch_size=2, num_workers=0)
+    data = DetectionDataModule(root=str(voc_pairs), format="voc", image_size=32, batch_size=2, num_workers=0)
     check_data_module(data, ["cat", "dog"])
     assert [t["labels"].tolist() for _, t in data.val_dataset] == [[2], []], "bird is not a training class"
-    explicit = COCODetection(format="voc", train_images=str(voc_pairs / "train"), val_images=str(voc_pairs / "val"),
+    explicit = DetectionDataModule(format="voc", train_images=str(voc_pairs / "train"), val_images=str(voc_pairs / "val"),
                              class_names=["bird", "cat", "dog"], image_size=32, batch_size=2, num_workers=0)
     check_data_module(explicit, ["bird", "cat", "dog"])
     assert [t["labels"].tolist() for _, t in explicit.val_dataset] == [[3, 1], []]
 
 
 def test_data_module_yolo(tmp_path):
-    data = COCODetection(root=str(make_yolo(tmp_path / "yolo", "dict")), format="yolo", image_size=32, batch_size=2, num_workers=0)
+    data = DetectionDataModule(root=str(make_yolo(tmp_path / "yolo", "dict")), format="yolo", image_size=32, batch_size=2, num_workers=0)
     check_data_module(data, ["cat", "dog"])
     assert len(data.val_dataset) == 3, "negatives stay in validation"
 
@@ -355,25 +355,25 @@ def test_data_module_yolo(tmp_path):
 def test_wrong_layouts_name_what_is_missing(tmp_path):
     expected = r"voc/train does not exist; expected Pascal VOC under .*Annotations/<id>.xml.*train/ and val/ of <name>.jpg \+ <name>.xml pairs"
     with pytest.raises(FileNotFoundError, match=expected):
-        COCODetection(root=str(tmp_path / "voc"), format="voc")
+        DetectionDataModule(root=str(tmp_path / "voc"), format="voc")
     (tmp_path / "voc2007" / "Annotations").mkdir(parents=True)
     (tmp_path / "voc2007" / "JPEGImages").mkdir()
     with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/train.txt does not exist; expected the Pascal VOC layout under"):
-        COCODetection(root=str(tmp_path / "voc2007"), format="voc")
+        DetectionDataModule(root=str(tmp_path / "voc2007"), format="voc")
     with pytest.raises(FileNotFoundError, match=r"yolo/images/train does not exist; expected the YOLO layout under .*labels/<split>/<name>.txt"):
-        COCODetection(root=str(tmp_path / "yolo"), format="yolo")
+        DetectionDataModule(root=str(tmp_path / "yolo"), format="yolo")
     root = make_yolo(tmp_path / "yolo")
     (root / "data.yaml").unlink()
     with pytest.raises(FileNotFoundError, match=r"neither .*data.yaml nor .*classes.txt exists"):
-        COCODetection(root=str(root), format="yolo")
-    assert COCODetection(root=str(root), format="yolo", class_names=["cat", "dog"]).num_classes == 3
+        DetectionDataModule(root=str(root), format="yolo")
+    assert DetectionDataModule(root=str(root), format="yolo", class_names=["cat", "dog"]).num_classes == 3
     with pytest.raises(ValueError, match="class_names is for format voc or yolo"):
-        COCODetection(root=str(tmp_path), class_names=["a"])
+        DetectionDataModule(root=str(tmp_path), class_names=["a"])
 
 
 def test_perfect_detections_of_voc_score_one_and_difficult_is_ignored(voc_pairs):
     write_xml(voc_pairs / "val" / "d.xml", [("cat", 2, 2, 20, 20, True), ("cat", 10, 12, 30, 31)], (32, 32))
-    data = COCODetection(root=str(voc_pairs), format="voc", num_workers=0)
+    data = DetectionDataModule(root=str(voc_pairs), format="voc", num_workers=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         data.setup("validate")
@@ -397,7 +397,7 @@ def test_fruits_voc_as_published_equals_its_coco_conversion():
         if os.environ.get("MOBILEONE_REQUIRE_DATASETS") == "1":
             pytest.fail(f"MOBILEONE_REQUIRE_DATASETS=1 but {message}")
         pytest.skip(message)
-    data = COCODetection(root=str(FRUITS / "voc"), format="voc", num_workers=0)
+    data = DetectionDataModule(root=str(FRUITS / "voc"), format="voc", num_workers=0)
     assert data.class_names == ["apple", "banana", "orange"]
     png_as_jpg = 0
     for split in ("train", "val"):

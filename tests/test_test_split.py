@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks.classification.data import ImageFolderDataModule, make_demo_dataset
-from tasks.detection.data import COCODetection, make_demo_coco
+from tasks.detection.data import DetectionDataModule, make_demo_coco
 from tasks.segmentation.data import SegmentationDataModule, make_demo_voc
 
 
@@ -24,14 +24,14 @@ def classification(root: Path, with_test: bool) -> ImageFolderDataModule:
                                  image_size=32, eval_resize=32, eval_image_size=32)
 
 
-def detection(root: Path, with_test: bool) -> COCODetection:
+def detection(root: Path, with_test: bool) -> DetectionDataModule:
     make_demo_coco(root, train_images=4, val_images=6, size=64)
     content = json.loads((root / "annotations" / "instances_val2017.json").read_text())
     content["images"] = content["images"][:2]
     content["annotations"] = [a for a in content["annotations"] if a["image_id"] in {i["id"] for i in content["images"]}]
     (root / "annotations" / "holdout.json").write_text(json.dumps(content))
     test = {"test_ann": str(root / "annotations" / "holdout.json"), "test_images": str(root / "val2017")} if with_test else {}
-    return COCODetection(str(root), num_workers=0, **test)
+    return DetectionDataModule(str(root), num_workers=0, **test)
 
 
 def segmentation(root: Path, with_test: bool) -> SegmentationDataModule:

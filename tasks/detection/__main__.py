@@ -5,7 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser
 
 from tasks.common.cli import TaskCLI
-from tasks.detection.data import COCODetection
+from tasks.detection.data import DetectionDataModule
 from tasks.detection.module import DetectionWriter, ObjectDetectionTask
 
 
@@ -21,7 +21,7 @@ class DetectionCLI(TaskCLI):
 def main(args: ArgsType = None, run: bool = True) -> TaskCLI:
     """The task's command line on ``args`` (default: ``sys.argv``); with ``run=False`` it only builds
     the model and data module from the options (``.model``, ``.datamodule``), without a subcommand."""
-    return DetectionCLI(ObjectDetectionTask, COCODetection, args=args, run=run)
+    return DetectionCLI(ObjectDetectionTask, DetectionDataModule, args=args, run=run)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from tasks.detection.formats import (
     read_coco_json,
 )
 
-__all__ = ["COCODetection", "CocoAnnotations", "InvalidAnnotationError", "make_demo_coco"]
+__all__ = ["DetectionDataModule", "CocoAnnotations", "InvalidAnnotationError", "make_demo_coco"]
 
 DEMO_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"})
 
@@ -280,7 +280,7 @@ def collate_lists(batch: list) -> tuple[list, list]:
     return list(images), list(targets)
 
 
-class COCODetection(BaseDataModule):
+class DetectionDataModule(BaseDataModule):
     """Detection data in COCO, Pascal VOC or YOLO format (``format``), and the demo set.
 
     - ``coco``: COCO 2017 under ``root`` (``annotations/instances_{train,val}2017.json``,
