@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import to_onnx_bytes
-from backbones.quantization import correct_weight_rounding_bias, equalize_activations, int8_weights
+from backbones.quantization import _calibrate_with_input_hooks, _call, correct_weight_rounding_bias, equalize_activations, int8_weights
 from backbones.runtimes import OnnxRuntimeNetwork, quantize_onnx
 from benchmarks.int8_methods import halves
 from benchmarks.int8_schemes import DEFAULT_SHARED, MODELS, fused_network
+from benchmarks.int8_sensitivity import quantized_layers, simulated_int8
 
 DAMPING = 0.01  # of the mean diagonal of a layer's input second moments, added to it (GPTQ's default)
 # The layer whose int8 input costs S0 the most (--sensitivity) and the one before it: the input of a layer stays
@@ -45,7 +46,7 @@ FLOAT_LAYERS = ["stage3.18", "stage3.19"]
 
 
 def _layers(model: nn.Module) -> list[nn.Conv2d | nn.Linear]:
-    return [m for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    return [model.get_submodule(name) for name in quantized_layers(model)]
 
 
 def _patches(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -69,22 +70,16 @@ def round_for_output_error(model: nn.Module, calibration: Iterable[torch.Tensor]
     sums: list[torch.Tensor | None] = [None] * len(layers)
     counts = [0] * len(layers)
 
-    def watch(index: int, layer: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    def record(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             columns = _patches(module, args[0].detach().float())
             second, first = torch.einsum("gil,gjl->gij", columns, columns).double(), columns.sum(-1).double()
             moments[index] = second if moments[index] is None else moments[index] + second
             sums[index] = first if sums[index] is None else sums[index] + first
             counts[index] += columns.shape[-1]
-        return layer.register_forward_pre_hook(hook)
+        return hook
 
-    handles = [watch(i, layer) for i, layer in enumerate(layers)]
-    try:
-        for batch in calibration:
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _calibrate_with_input_hooks(model, layers, record, calibration, _call)
     for layer, second, first, count in zip(layers, moments, sums, counts):
         _round_layer(layer, second / count, first / count, levels)
     return model
@@ -128,32 +123,26 @@ def _row(fold: int, rounding: str, arithmetic: str, logits: torch.Tensor, refere
             "agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean())}
 
 
-def _fake_int8(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    step = (high - low) / 255
-    zero = round(-low / step) - 128
-    return (torch.clamp(torch.round(x / step) + zero, -128, 127) - zero) * step
-
-
 def input_sensitivity(network: nn.Module, calibration: Sequence[torch.Tensor], images: torch.Tensor,
                       reference: torch.Tensor) -> list[tuple[str, float]]:
-    """Per conv / linear layer of ``network``: the logits' relative error when only its input is int8."""
-    names = {layer: name for name, layer in network.named_modules() if type(layer) in (nn.Conv2d, nn.Linear)}
-    seen: dict[nn.Module, list[torch.Tensor]] = {layer: [] for layer in names}
+    """Per conv / linear layer of ``network``: the logits' relative error when only its input is int8,
+    its range the 99.999th percentile of 100 000 values sampled per calibration batch (and the lowest, or 0)."""
+    layers = quantized_layers(network)
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     generator = torch.Generator().manual_seed(0)
-    handles = [layer.register_forward_pre_hook(
-        lambda module, args: seen[module].append(args[0].flatten()[torch.randint(args[0].numel(), (100_000,), generator=generator)]))
-        for layer in names]
+
+    def record(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen[layers[index]].append(args[0].flatten()[torch.randint(args[0].numel(), (100_000,), generator=generator)])
+        return hook
+
     with torch.no_grad():
-        for batch in calibration:
-            network(batch)
-    for handle in handles:
-        handle.remove()
-    ranges = {layer: (min(float(torch.cat(v).min()), 0.0), float(torch.quantile(torch.cat(v), 0.99999))) for layer, v in seen.items()}
+        _calibrate_with_input_hooks(network, _layers(network), record, calibration, _call)
+    ranges = {name: (min(float(torch.cat(v).min()), 0.0), float(torch.quantile(torch.cat(v), 0.99999))) for name, v in seen.items()}
     errors = []
-    for layer, name in names.items():
-        handle = layer.register_forward_pre_hook(lambda module, args: (_fake_int8(args[0], *ranges[module]),))
-        logits = _logits(network, images)
-        handle.remove()
+    for name in layers:
+        with simulated_int8(network, [], [name], ranges):
+            logits = _logits(network, images)
         errors.append((name, float((logits - reference).norm() / reference.norm())))
     return sorted(errors, key=lambda item: -item[1])
 

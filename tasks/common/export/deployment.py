@@ -38,13 +38,14 @@ def deployment_files(
     fused_output: Any,
     report: dict[str, Any],
     writers: dict[str, tuple[str, Callable[[Path], object]]],
-    onnx_bytes_to_quantize: bytes | None,
+    onnx_bytes: bytes | None,
     options: ExportOptions,
     context: ExportContext,
 ) -> dict[str, nn.Module]:
     """Build the INT8 ONNX and ExecuTorch files asked for, add their writers, and return a module
-    running each (by file name)."""
-    quantize = onnx_bytes_to_quantize is not None
+    running each (by file name). ``onnx_bytes``: the fused network's float32 ONNX file (made when
+    ``options.int8`` asks for INT8), quantized as it is unless the network is prepared for INT8 first."""
+    quantize = options.int8
     calibration, quantized_modules, int8_activations = context.calibration, context.quantized_modules, context.int8_activations
     dynamic_image_size, executorch = context.dynamic_image_size, options.executorch
     if quantize and not calibration:
@@ -65,7 +66,7 @@ def deployment_files(
         started = time.perf_counter()
         cpu = int8_cpu()
         int8_scheme = options.int8_scheme or default_int8_scheme(cpu)
-        source = onnx_bytes_to_quantize
+        source = onnx_bytes
         if int8_preparation:
             source = to_onnx_bytes(prepared_for(INT8_WEIGHT_LEVELS[int8_scheme]), example_inputs, dynamic_image_size)
         files[ONNX_INT8_FILE] = quantize_onnx(source, calibration, options.calibration_method, quantized_modules, scheme=int8_scheme,

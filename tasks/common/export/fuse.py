@@ -148,8 +148,7 @@ def fuse_and_export(
         )
         log.info("CoreML ML program converted (%s): ops %s (%.1f s)", options.coreml_precision, report["coreml"].get("op_types"), since(started))
         writers["coreml"] = (COREML_FILE, lambda p: save_mlpackage(mlmodel, p))
-    deployed = deployment_files(fused, example_inputs, fused_output, report, writers, onnx_bytes if options.int8 else None,
-                                 options, context)
+    deployed = deployment_files(fused, example_inputs, fused_output, report, writers, onnx_bytes, options, context)
     if deployed:
         match = context.deployment_agreement or context.agreement or argmax_agreement
         report["deployed"] = compare_deployed(fused, deployed, example_inputs, match, context.evaluate, context.metric)
