@@ -34,6 +34,7 @@ from torch import nn
 
 from backbones import fuse_for_deployment
 from backbones.export import output_tensors, relative_error, to_onnx_bytes
+from backbones.quantization import int8_weights  # symmetric per output channel, as onnxruntime and XNNPACK round weights
 from backbones.runtimes import OnnxRuntimeNetwork, quantize_onnx
 from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS, run_folder
 from benchmarks.timing import write_csv
@@ -48,12 +49,6 @@ def output_error(actual: object, expected: object) -> float:
     (a detector's scores count as much as its boxes, whose pixel values are far larger)."""
     errors = [relative_error(a, e) for a, e in zip(output_tensors(actual), output_tensors(expected))]
     return sum(errors) / len(errors)
-
-
-def int8_weights(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` rounded to int8, symmetric per output channel (scale = max |w| / 127), in float."""
-    scale = weight.abs().flatten(1).amax(1).clamp(min=1e-12).div(127).view(-1, *[1] * (weight.dim() - 1))
-    return weight.div(scale).round().clamp(-127, 127).mul(scale)
 
 
 def int8_tensor(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
