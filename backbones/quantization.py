@@ -35,7 +35,8 @@ from backbones.network import MobileOne, MobileOneBlock
 __all__ = [
     "DENSE_MIGRATION", "ActivationQuantizer", "Int8SimulatedConv2d", "Int8SimulatedLinear", "activation_scale_and_zero_point",
     "calibrate_int8_simulation", "correct_weight_rounding_bias", "equalization_scales", "equalize_activations", "equalized_pairs",
-    "int8_simulation_sites", "int8_weights", "prepare_for_int8", "remove_int8_simulation", "simulate_int8",
+    "RANGE_FRACTIONS", "int8_simulation_sites", "int8_weights", "prepare_for_int8", "prepare_with_searched_ranges", "remove_int8_simulation",
+    "search_activation_ranges", "simulate_int8",
 ]
 
 DENSE_MIGRATION = 0.5  # how much of an activation channel's range moves into a dense 1x1 layer's weights
@@ -491,3 +492,107 @@ def int8_simulation_sites(model: nn.Module) -> list[dict[str, Any]]:
                     raise ValueError(f"the {tensor} quantizer of {name} is not calibrated (calibrate_int8_simulation)")
                 sites.append({"module": name, "tensor": tensor, "scale": float(quantizer.scale), "zero_point": int(quantizer.zero_point)})
     return sites
+
+
+# Activation ranges chosen for the logits' error. A calibrated range covers (nearly) every value a tensor
+# takes; where a few large values stretch it, the int8 step erases the small ones, which the rest of the
+# network may need more than it needs the large ones to stay exact. On Apple's S0 the input of the last
+# pointwise layer of stage 3 is such a tensor: clipped to about a third of its 99.999th percentile, the
+# logits' error of that tensor alone in int8 halves (benchmarks/RESULTS.md, "Activation ranges searched
+# for the logits' error"), while a criterion local to the layer (its own output's error) prefers the full
+# range. So the search measures the logits.
+
+RANGE_FRACTIONS = (0.85, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2)  # of a calibrated range, tried in this order
+RANGE_SEARCH_IMAGES = 64  # calibration images the search measures the logits' error on
+
+
+def _forward_units(model: MobileOne) -> list[nn.Module | Callable[[torch.Tensor], torch.Tensor]]:
+    """The network as a chain: every block of every stage, then the head (pooling, classifier)."""
+    units: list[nn.Module | Callable[[torch.Tensor], torch.Tensor]] = []
+    for stage in model.stages:
+        units.extend(stage.children() if isinstance(stage, nn.Sequential) else [stage])
+    return units + [model.forward_head]
+
+
+def _quantizers_in_call_order(model: nn.Module, images: torch.Tensor) -> list[ActivationQuantizer]:
+    """The quantizers of a ``simulate_int8`` network in the order its forward applies them (a calibrated
+    layer applies its input quantizer through ``integers``, not by calling it: the layers are hooked)."""
+    order: list[ActivationQuantizer] = []
+    handles = []
+    for module in model.modules():
+        if isinstance(module, _Int8SimulatedLayer):
+            handles.append(module.register_forward_pre_hook(lambda m, args: order.append(m.input_quantizer)))
+        if isinstance(module, (_Int8SimulatedLayer, _QuantizedOutput)) and isinstance(module.output_quantizer, ActivationQuantizer):
+            handles.append(module.register_forward_hook(lambda m, args, output: order.append(m.output_quantizer)))
+    try:
+        model(images[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+@torch.no_grad()
+def search_activation_ranges(model: nn.Module, float_model: nn.Module, images: torch.Tensor,
+                             fractions: Sequence[float] = RANGE_FRACTIONS) -> list[dict[str, Any]]:
+    """Narrow the ranges of ``model``'s quantizers (a ``simulate_int8`` network, calibrated by
+    ``calibrate_int8_simulation``; changed in place) where that brings its logits on ``images``
+    closer to ``float_model``'s (relative error ``||y_int8 - y|| / ||y||``).
+
+    Greedy, in the order the network computes: each quantizer's range is scaled by ``fractions`` in
+    turn (every quantizer before it already chosen, every one after it as calibrated) as long as the
+    error falls, and keeps the best. Only the blocks from the quantizer's on are recomputed. Returns
+    one row per quantizer: ``{"module", "tensor", "fraction", "error"}`` (error with the choice made)."""
+    _check_simulated_network(model)
+    model.eval()
+    images = images.float()
+    reference = float_model.eval()(images)
+    units = _forward_units(model)
+    owner = {}  # quantizer -> index of the unit that computes it
+    for index, unit in enumerate(units):
+        for module in (unit.modules() if isinstance(unit, nn.Module) else model.linear.modules()):
+            owner.setdefault(id(module), index)
+    sites = {}  # quantizer -> (module, "input" | "output"), as int8_simulation_sites names them
+    for name, module in model.named_modules():
+        if isinstance(module, ActivationQuantizer):
+            owner_name, _, attribute = name.rpartition(".")
+            sites[id(module)] = (owner_name, attribute.removesuffix("_quantizer"))
+
+    def error_from(index: int, x: torch.Tensor) -> float:
+        for unit in units[index:]:
+            x = unit(x)
+        return float((x - reference).norm() / reference.norm())
+
+    rows = []
+    x, computed = images, 0  # x: the input of units[computed]
+    for quantizer in _quantizers_in_call_order(model, images):
+        index = owner[id(quantizer)]
+        for unit in units[computed:index]:
+            x = unit(x)
+        computed = index
+        low, high = (ACTIVATION_QMIN - float(quantizer.zero_point)) * float(quantizer.scale), (ACTIVATION_QMAX - float(quantizer.zero_point)) * float(quantizer.scale)
+        best_fraction, best_error = 1.0, error_from(index, x)
+        for fraction in fractions:
+            quantizer.set_range(low * fraction, high * fraction)
+            error = error_from(index, x)
+            if error >= best_error:
+                break
+            best_fraction, best_error = fraction, error
+        quantizer.set_range(low * best_fraction, high * best_fraction)
+        module, tensor = sites[id(quantizer)]
+        rows.append({"module": module, "tensor": tensor, "fraction": best_fraction, "error": best_error})
+    return rows
+
+
+def prepare_with_searched_ranges(model: nn.Module, calibration: Iterable[torch.Tensor], levels: int = 127,
+                                 search_images: int = RANGE_SEARCH_IMAGES) -> tuple[nn.Module, list[dict[str, Any]], list[dict[str, Any]]]:
+    """``prepare_for_int8``'s transforms (through ``calibrate_int8_simulation``) and activation ranges
+    searched for the logits' error (``search_activation_ranges``, on the first ``search_images``
+    calibration images) for ``model``, a fused MobileOne classifier. Returns the prepared float32
+    network, its INT8 file's activation ranges (``int8_simulation_sites``: ``quantize_onnx`` /
+    ``to_executorch``'s ``activation_quantization``) and the search's rows."""
+    calibration = list(calibration)
+    simulation = calibrate_int8_simulation(simulate_int8(model, levels), calibration)
+    images = torch.cat([torch.as_tensor(batch) for batch in calibration])[:search_images]
+    rows = search_activation_ranges(simulation, model, images)
+    return remove_int8_simulation(simulation), int8_simulation_sites(simulation), rows

@@ -292,6 +292,44 @@ def _float_outside(modules: Sequence[str]) -> Any:
     return FloatOutside()
 
 
+def _fix_observed_ranges(observed: torch.fx.GraphModule, sites: Sequence[dict[str, Any]]) -> None:
+    """Replace the PT2E observers of the tensors named by ``sites`` (a module's input: what its conv /
+    linear node reads; a module's output: what its last node writes) by min-max observers holding
+    each site's int8 range, so that the program uses it."""
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    if not sites:
+        return
+    wanted = {(site["module"], site["tensor"]): site for site in sites}
+    found = set()
+
+    def module_of(node: torch.fx.Node) -> str | None:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        return stack[-1][0] if stack else None
+
+    for node in observed.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith("activation_post_process"):
+            continue
+        keys = [(module_of(user), "input") for user in node.users  # what a conv / linear node reads (not its weights)
+                if user.op == "call_function" and ("conv" in str(user.target) or "linear" in str(user.target)) and user.args[0] is node]
+        source = node.args[0] if node.args else None
+        if isinstance(source, torch.fx.Node) and source.op == "call_function":
+            keys += [(name, "output") for name, _ in (source.meta.get("nn_module_stack") or {}).values()]
+        site = next((wanted[key] for key in keys if key in wanted), None)
+        if site is None:
+            continue
+        old = getattr(observed, node.target)
+        fixed = MinMaxObserver(dtype=old.dtype, qscheme=old.qscheme, quant_min=old.quant_min, quant_max=old.quant_max)
+        low = (old.quant_min - site["zero_point"]) * site["scale"]
+        fixed(torch.tensor([low, (old.quant_max - site["zero_point"]) * site["scale"]]))
+        setattr(observed, node.target, fixed)
+        found.add((site["module"], site["tensor"]))
+    missing = sorted(set(wanted) - found)
+    if missing:
+        raise ValueError(f"activation quantization for {missing[:3]}{' ...' if len(missing) > 3 else ''}: no such tensor is "
+                         "quantized in the ExecuTorch program")
+
+
 def _import_executorch() -> Any:
     try:
         from executorch import exir
@@ -327,6 +365,7 @@ def to_executorch(
     max_batch: int = EXECUTORCH_MAX_BATCH,
     max_image_side: int = EXECUTORCH_MAX_IMAGE_SIDE,
     modules: Sequence[str] | None = None,
+    activation_quantization: Sequence[dict[str, Any]] | None = None,
 ) -> bytes:
     """An ExecuTorch program of ``model`` (already fused) lowered to XNNPACK; returns the ``.pte`` bytes.
 
@@ -335,11 +374,13 @@ def to_executorch(
     largest. With ``calibration`` (batches of real inputs), the program is INT8: PT2E quantization
     with the XNNPACK quantizer (symmetric int8 weights per output channel, int8 activations
     observed on the calibration batches), then lowered; without it, float32. With ``modules``
-    (names of submodules of ``model``) only those are quantized, like ``quantize_onnx``'s.
+    (names of submodules of ``model``) only those are quantized, like ``quantize_onnx``'s;
+    ``activation_quantization`` (as ``quantize_onnx``'s) fixes those tensors' ranges instead of the
+    observer's.
     """
     shapes = _dynamic_shapes(dynamic_image_size, max_batch, max_image_side)
     with _contained_logging():
-        return _lower(model, example_inputs, calibration, shapes, max_batch, modules)
+        return _lower(model, example_inputs, calibration, shapes, max_batch, modules, activation_quantization or [])
 
 
 def _lower(
@@ -349,6 +390,7 @@ def _lower(
     shapes: Any,
     max_batch: int,
     modules: Sequence[str] | None,
+    activation_quantization: Sequence[dict[str, Any]],
 ) -> bytes:
     exir, XnnpackPartitioner, XNNPACKQuantizer, symmetric_config, ComposableQuantizer, prepare_pt2e, convert_pt2e = _import_executorch()
     model = model.eval()
@@ -364,6 +406,7 @@ def _lower(
             for batch in _inputs(calibration):
                 for part in batch.split(max_batch):  # the exported graph checks its input shapes
                     observed(part)
+            _fix_observed_ranges(observed, activation_quantization)
             program = torch.export.export(convert_pt2e(observed), example, dynamic_shapes=shapes)
         # the edge-dialect verifier is skipped (a third of the lowering time): callers run the program and compare numerically
         config = exir.EdgeCompileConfig(_check_ir_validity=False)

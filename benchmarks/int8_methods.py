@@ -16,8 +16,10 @@ float32's. Variants:
   (``--int8_preparation false``, minmax calibration);
 - ``prepared``: ``backbones.quantization.prepare_for_int8`` (activations equalized per channel,
   weight-rounding bias corrected), minmax calibration, and the ExecuTorch file;
-- ``prepared_percentile``: the same with percentile calibration (onnxruntime's file only): the
-  export's default;
+- ``prepared_percentile``: the same with percentile calibration: the export's default;
+- ``searched``: then each activation's range narrowed where that brings the INT8 logits closer to
+  float32's on 64 calibration images (``--int8_range_search true``,
+  ``backbones.quantization.prepare_with_searched_ranges``), for both files;
 - each with ``_reduce_range``: onnxruntime's scheme for x86 CPUs without VNNI (7-bit weights; computed
   exactly there and here, so its figures hold on both kinds of CPU); the others use ``s8s8``, which
   such CPUs compute with int16 saturation.
@@ -42,10 +44,13 @@ from benchmarks.int8_schemes import DEFAULT_SHARED, MODELS, ROOT, fused_network,
 VARIANTS = {  # fuse_and_export's INT8 options (ExportOptions)
     "ptq": dict(int8_preparation=False, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
     "prepared": dict(int8_preparation=True, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
-    "prepared_percentile": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8"),
+    "prepared_percentile": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8", executorch=True),
+    "searched": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8", executorch=True, int8_range_search=True),
     "ptq_reduce_range": dict(int8_preparation=False, calibration_method="minmax", int8_scheme="reduce_range"),
     "prepared_reduce_range": dict(int8_preparation=True, calibration_method="minmax", int8_scheme="reduce_range"),
     "prepared_percentile_reduce_range": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="reduce_range"),
+    "searched_reduce_range": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="reduce_range",
+                                  int8_range_search=True),
 }
 METRIC = "val/acc1"
 HALF = 250
@@ -99,9 +104,10 @@ def rows(model: str, variant: str, fold: int, metadata: dict) -> list[dict]:
         result.append({
             "model": model, "variant": variant, "fold": fold, "file": name, "runtime": record["runtime"],
             "scheme": calibration["onnx_scheme"] if name.endswith(".onnx") else "XNNPACK int8",
-            "calibration": calibration["onnx_method"] if name.endswith(".onnx") else "histogram",
+            "calibration": calibration["onnx_method"] if name.endswith(".onnx") else calibration["executorch_observer"],
             "float32": reference, "int8": record["validation"][METRIC],
             "agreement": record["vs_float32"]["agreement"], "images": record["vs_float32"]["agreement_count"],
+            "error": record["vs_float32"]["relative_error"],
         })
     return result
 
@@ -124,13 +130,14 @@ def latency_ms(folder: Path, rounds: int) -> dict[str, float]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| model | method | file (runtime, scheme) | calibration | fold | float32 top-1 | INT8 top-1 | vs float32 | agreement with float32 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | method | file (runtime, scheme) | calibration | fold | float32 top-1 | INT8 top-1 | vs float32 | agreement with float32 "
+             "| logits' error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in results:
         lines.append(
             f"| {row['model']} | {row['variant'].replace('_reduce_range', '')} | `{row['file']}` ({row['runtime']}, {row['scheme']}) | "
             f"{row['calibration']} | {row['fold']} | {100 * row['float32']:.1f} | {100 * row['int8']:.1f} | "
-            f"{100 * (row['int8'] - row['float32']):+.1f} | {100 * row['agreement']:.1f}% of {row['images']} |"
+            f"{100 * (row['int8'] - row['float32']):+.1f} | {100 * row['agreement']:.1f}% of {row['images']} | {row['error']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -158,12 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {describe_machine('cpu')}; held-out half of imagenet-sample ({HALF} images), the other half calibrates")
     print(markdown(results))
     (args.work_dir / f"results_fold{'_'.join(map(str, args.folds))}.json").write_text(json.dumps(results, indent=1) + "\n")
-    if "prepared" in args.variants:
-        print(f"\nbatch 1, 1 thread, median of {args.rounds} interleaved rounds, the prepared export's files (fold {args.folds[0]}):")
+    timed = next((v for v in ("searched", "prepared_percentile", "prepared") if v in args.variants), None)
+    if timed is not None:
+        print(f"\nbatch 1, 1 thread, median of {args.rounds} interleaved rounds, the {timed} export's files (fold {args.folds[0]}):")
         print("| model | onnxruntime float32 | onnxruntime INT8 | speed-up | ExecuTorch float32 | ExecuTorch INT8 | speed-up |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for model in args.models:
-            times = latency_ms(args.work_dir / f"fold{args.folds[0]}" / f"{model}.prepared", args.rounds)
+            times = latency_ms(args.work_dir / f"fold{args.folds[0]}" / f"{model}.{timed}", args.rounds)
             print(f"| {model} | {times['model.onnx']:.2f} ms | {times['model.int8.onnx']:.2f} ms | "
                   f"{times['model.onnx'] / times['model.int8.onnx']:.2f}x | {times['model.pte']:.2f} ms | "
                   f"{times['model.int8.pte']:.2f} ms | {times['model.pte'] / times['model.int8.pte']:.2f}x |")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from backbones.export import is_finite, output_tensors, to_onnx_bytes
-from backbones.quantization import prepare_for_int8
+from backbones.quantization import prepare_for_int8, prepare_with_searched_ranges
 from backbones.runtimes import (
     INT8_WEIGHT_LEVELS,
     ExecuTorchNetwork,
@@ -54,32 +54,49 @@ def deployment_files(
     deployed: dict[str, nn.Module] = {}
     trained_for_int8 = int8_activations is not None
     int8_preparation = options.int8_preparation and not trained_for_int8
-    prepared_copies: dict[int | None, nn.Module] = {}
+    range_search = options.int8_range_search and not trained_for_int8
+    if range_search and not int8_preparation:
+        raise ValueError("int8_range_search=True searches the ranges of the network prepared for INT8: it needs int8_preparation=True")
+    prepared_copies: dict[int | None, tuple[nn.Module, Sequence[dict[str, Any]] | None]] = {}
+    searched: list[dict[str, Any]] = []
 
-    def prepared_for(levels: int | None) -> nn.Module:
-        """``prepare_for_int8``'s copy of ``fused`` for weights of ``levels``, made once (ONNX s8s8 and ExecuTorch share it)."""
+    def prepared_for(levels: int | None) -> tuple[nn.Module, Sequence[dict[str, Any]] | None]:
+        """The copy of ``fused`` prepared for weights of ``levels`` and its searched activation ranges
+        (None: calibrate them), made once (ONNX s8s8 and ExecuTorch share it)."""
         if levels not in prepared_copies:
-            prepared_copies[levels] = prepare_for_int8(fused, calibration, levels, modules=quantized_modules)
+            if not range_search:
+                prepared_copies[levels] = prepare_for_int8(fused, calibration, levels, modules=quantized_modules), None
+            elif levels is None or quantized_modules is not None:
+                raise ValueError("int8_range_search=True: the ranges are searched for a whole network with symmetric int8 "
+                                 "weights (int8_scheme s8s8 or reduce_range, every layer quantized)")
+            else:
+                network, sites, rows = prepare_with_searched_ranges(fused, calibration, levels)
+                searched.extend(row for row in rows if row["fraction"] < 1.0)
+                prepared_copies[levels] = network, sites
         return prepared_copies[levels]
 
     if quantize:
         started = time.perf_counter()
         cpu = int8_cpu()
         int8_scheme = options.int8_scheme or default_int8_scheme(cpu)
-        source = onnx_bytes
+        source, activations = onnx_bytes, int8_activations
         if int8_preparation:
-            source = to_onnx_bytes(prepared_for(INT8_WEIGHT_LEVELS[int8_scheme]), example_inputs, dynamic_image_size)
+            prepared, activations = prepared_for(INT8_WEIGHT_LEVELS[int8_scheme])
+            source = to_onnx_bytes(prepared, example_inputs, dynamic_image_size)
         files[ONNX_INT8_FILE] = quantize_onnx(source, calibration, options.calibration_method, quantized_modules, scheme=int8_scheme,
-                                              activation_quantization=int8_activations)
+                                              activation_quantization=activations)
         deployed[ONNX_INT8_FILE] = OnnxRuntimeNetwork(files[ONNX_INT8_FILE])
         report["int8_calibration"] = {
             "images": count_images(calibration), "onnx_scheme": int8_scheme,
             "onnx_method": (f"the ranges of quantization-aware training ({len(int8_activations)} tensors)" if trained_for_int8
+                            else f"{options.calibration_method}, then searched for the logits' error" if range_search
                             else options.calibration_method),
             "cpu": cpu, "cpu_flags": cpu_flags(),
             "preparation": "equalized activations, weight-rounding bias corrected (backbones.quantization)" if int8_preparation else None,
-            "executorch_observer": "HistogramObserver (the XNNPACK quantizer's)" if executorch else None,
+            "executorch_observer": ("the searched ranges" if range_search else "HistogramObserver (the XNNPACK quantizer's)") if executorch else None,
         }
+        if range_search:
+            report["int8_calibration"]["searched_ranges"] = searched  # the tensors whose range was narrowed
         log.info("INT8 ONNX quantized (static QDQ, %s, activation ranges: %s on %d images; this CPU: %s) (%.1f s)", int8_scheme,
                  report["int8_calibration"]["onnx_method"], count_images(calibration), cpu, since(started))
     if executorch:
@@ -93,8 +110,10 @@ def deployment_files(
         check_tolerance(report, "executorch_vs_pytorch_relative_error", options.tolerance, "the ExecuTorch program's output differs from PyTorch's")
         if quantize:
             started = time.perf_counter()
-            prepared = prepared_for(INT8_WEIGHT_LEVELS["s8s8"]) if int8_preparation else fused  # XNNPACK: int8 weights in [-127, 127]
-            files[EXECUTORCH_INT8_FILE] = to_executorch(prepared, example_inputs, dynamic_image_size, calibration, modules=quantized_modules)
+            # XNNPACK: int8 weights in [-127, 127]
+            prepared, activations = prepared_for(INT8_WEIGHT_LEVELS["s8s8"]) if int8_preparation else (fused, None)
+            files[EXECUTORCH_INT8_FILE] = to_executorch(prepared, example_inputs, dynamic_image_size, calibration, modules=quantized_modules,
+                                                        activation_quantization=activations)
             deployed[EXECUTORCH_INT8_FILE] = ExecuTorchNetwork(files[EXECUTORCH_INT8_FILE])
             log.info("INT8 ExecuTorch program (PT2E, XNNPACK) quantized and lowered (%.1f s)", since(started))
     for name, content in files.items():
