@@ -570,7 +570,8 @@ def search_activation_ranges(model: nn.Module, float_model: nn.Module, images: t
         for unit in units[computed:index]:
             x = unit(x)
         computed = index
-        low, high = (ACTIVATION_QMIN - float(quantizer.zero_point)) * float(quantizer.scale), (ACTIVATION_QMAX - float(quantizer.zero_point)) * float(quantizer.scale)
+        scale, zero_point = float(quantizer.scale), float(quantizer.zero_point)
+        low, high = (ACTIVATION_QMIN - zero_point) * scale, (ACTIVATION_QMAX - zero_point) * scale
         best_fraction, best_error = 1.0, error_from(index, x)
         for fraction in fractions:
             quantizer.set_range(low * fraction, high * fraction)
