@@ -502,7 +502,7 @@ def int8_simulation_sites(model: nn.Module) -> list[dict[str, Any]]:
 # for the logits' error"), while a criterion local to the layer (its own output's error) prefers the full
 # range. So the search measures the logits.
 
-RANGE_FRACTIONS = (0.85, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2)  # of a calibrated range, tried in this order
+RANGE_FRACTIONS = (0.85, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2)  # of a calibrated range, each tried
 RANGE_SEARCH_IMAGES = 64  # calibration images the search measures the logits' error on
 
 
@@ -539,9 +539,10 @@ def search_activation_ranges(model: nn.Module, float_model: nn.Module, images: t
     ``calibrate_int8_simulation``; changed in place) where that brings its logits on ``images``
     closer to ``float_model``'s (relative error ``||y_int8 - y|| / ||y||``).
 
-    Greedy, in the order the network computes: each quantizer's range is scaled by ``fractions`` in
-    turn (every quantizer before it already chosen, every one after it as calibrated) as long as the
-    error falls, and keeps the best. Only the blocks from the quantizer's on are recomputed. Returns
+    Greedy, in the order the network computes: each quantizer's range is scaled by each of
+    ``fractions`` (every quantizer before it already chosen, every one after it as calibrated) and
+    keeps the one with the lowest error, or its own. Only the blocks from the quantizer's on are
+    recomputed. Returns
     one row per quantizer: ``{"module", "tensor", "fraction", "error"}`` (error with the choice made)."""
     _check_simulated_network(model)
     model.eval()
@@ -573,12 +574,11 @@ def search_activation_ranges(model: nn.Module, float_model: nn.Module, images: t
         scale, zero_point = float(quantizer.scale), float(quantizer.zero_point)
         low, high = (ACTIVATION_QMIN - zero_point) * scale, (ACTIVATION_QMAX - zero_point) * scale
         best_fraction, best_error = 1.0, error_from(index, x)
-        for fraction in fractions:
+        for fraction in fractions:  # every one: the error is not monotone in the range (each step rounds differently)
             quantizer.set_range(low * fraction, high * fraction)
             error = error_from(index, x)
-            if error >= best_error:
-                break
-            best_fraction, best_error = fraction, error
+            if error < best_error:
+                best_fraction, best_error = fraction, error
         quantizer.set_range(low * best_fraction, high * best_fraction)
         module, tensor = sites[id(quantizer)]
         rows.append({"module": module, "tensor": tensor, "fraction": best_fraction, "error": best_error})
