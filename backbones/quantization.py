@@ -33,10 +33,10 @@ from torch import nn
 from backbones.network import MobileOne, MobileOneBlock
 
 __all__ = [
-    "DENSE_MIGRATION", "ActivationQuantizer", "Int8SimulatedConv2d", "Int8SimulatedLinear", "activation_scale_and_zero_point",
-    "calibrate_int8_simulation", "correct_weight_rounding_bias", "equalization_scales", "equalize_activations", "equalized_pairs",
-    "RANGE_FRACTIONS", "int8_simulation_sites", "int8_weights", "prepare_for_int8", "prepare_with_searched_ranges", "remove_int8_simulation",
-    "search_activation_ranges", "simulate_int8",
+    "DENSE_MIGRATION", "RANGE_FRACTIONS", "ActivationQuantizer", "Int8SimulatedConv2d", "Int8SimulatedLinear",
+    "activation_scale_and_zero_point", "calibrate_int8_simulation", "correct_weight_rounding_bias", "equalization_scales",
+    "equalize_activations", "equalized_pairs", "int8_simulation_sites", "int8_simulation_unsupported", "int8_weights", "prepare_for_int8",
+    "prepare_with_searched_ranges", "remove_int8_simulation", "search_activation_ranges", "simulate_int8",
 ]
 
 DENSE_MIGRATION = 0.5  # how much of an activation channel's range moves into a dense 1x1 layer's weights
@@ -393,6 +393,15 @@ def _check_simulated_network(model: nn.Module) -> MobileOne:
     return model
 
 
+def int8_simulation_unsupported(model: nn.Module) -> str | None:
+    """Why ``simulate_int8`` cannot model ``model`` (None: it can)."""
+    try:
+        _check_simulated_network(model)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def simulate_int8(model: nn.Module, levels: int = 127) -> nn.Module:
     """A copy of ``model`` (a fused MobileOne classifier without squeeze-excitation) whose layers
     compute as onnxruntime's INT8 QDQ file of it does: weights rounded to ``levels`` per output
@@ -586,14 +595,36 @@ def search_activation_ranges(model: nn.Module, float_model: nn.Module, images: t
 
 
 def prepare_with_searched_ranges(model: nn.Module, calibration: Iterable[torch.Tensor], levels: int = 127,
-                                 search_images: int = RANGE_SEARCH_IMAGES) -> tuple[nn.Module, list[dict[str, Any]], list[dict[str, Any]]]:
-    """``prepare_for_int8``'s transforms (through ``calibrate_int8_simulation``) and activation ranges
-    searched for the logits' error (``search_activation_ranges``, on the first ``search_images``
-    calibration images) for ``model``, a fused MobileOne classifier. Returns the prepared float32
-    network, its INT8 file's activation ranges (``int8_simulation_sites``: ``quantize_onnx`` /
-    ``to_executorch``'s ``activation_quantization``) and the search's rows."""
+                                 search_images: int = RANGE_SEARCH_IMAGES) -> tuple[nn.Module, list[dict[str, Any]] | None, dict[str, Any]]:
+    """``prepare_for_int8``'s transforms (through ``calibrate_int8_simulation``) for ``model``, a fused
+    MobileOne classifier, and activation ranges searched for the logits' error
+    (``search_activation_ranges``) on the first calibration images (half of them, at most
+    ``search_images``), kept only if they also lower the error on the other calibration images.
+
+    Returns the prepared float32 network, its INT8 file's activation ranges (``int8_simulation_sites``,
+    for ``quantize_onnx`` / ``to_executorch``'s ``activation_quantization``; None where the search was
+    not kept: calibrate as usual) and a report: the narrowed rows, the check images' count and their
+    logits' error with the calibrated and the searched ranges, and whether the search was kept."""
     calibration = list(calibration)
     simulation = calibrate_int8_simulation(simulate_int8(model, levels), calibration)
-    images = torch.cat([torch.as_tensor(batch) for batch in calibration])[:search_images]
-    rows = search_activation_ranges(simulation, model, images)
-    return remove_int8_simulation(simulation), int8_simulation_sites(simulation), rows
+    images = torch.cat([torch.as_tensor(batch) for batch in calibration]).float()
+    searched = min(search_images, len(images) // 2)
+    if searched < 1:
+        raise ValueError(f"the range search needs at least 2 calibration images (one to search on, one to check), got {len(images)}")
+    search, check = images[:searched], images[searched:]
+    with torch.no_grad():
+        reference = model.eval()(check)
+
+        def check_error() -> float:
+            return float((simulation(check) - reference).norm() / reference.norm())
+
+        calibrated = copy.deepcopy(simulation.state_dict())
+        error_before = check_error()
+        rows = search_activation_ranges(simulation, model, search)
+        error_after = check_error()
+    kept = error_after < error_before
+    if not kept:
+        simulation.load_state_dict(calibrated)
+    report = {"search_images": len(search), "check_images": len(check), "check_error_calibrated": error_before,
+              "check_error_searched": error_after, "kept": kept, "narrowed": [row for row in rows if row["fraction"] < 1.0]}
+    return remove_int8_simulation(simulation), int8_simulation_sites(simulation) if kept else None, report

@@ -2,6 +2,7 @@
 
     python -m benchmarks.int8_cost                      # after python -m benchmarks.real_data
     python -m benchmarks.int8_cost --tasks detection --calibration-images 512
+    python -m benchmarks.int8_cost --start imagenet     # the models fine-tuned from ImageNet weights (real_data --pretrained)
 
 For each task, the ``last.ckpt`` that ``benchmarks.real_data`` trained (``--work-dir``, seed
 ``--seed``) is exported with ``--int8 true --executorch true`` through the task's own CLI and
@@ -17,21 +18,22 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.real_data import DEFAULT_DATASETS, ROOT, SETTINGS, _run, run_folder
+from benchmarks.real_data import DEFAULT_DATASETS, IMAGENET, ROOT, SCRATCH, SETTINGS, _run, run_folder
 
 FILES = ("model_fused.pt", "model.int8.onnx", "model.pte", "model.int8.pte")
 
 
-def export(task: str, datasets_root: Path, work_dir: Path, seed: int, calibration_images: int, backbone: str) -> dict:
+def export(task: str, datasets_root: Path, work_dir: Path, seed: int, calibration_images: int, backbone: str, start: str = SCRATCH) -> dict:
     """Export one real-data model with INT8 and ExecuTorch files; return its ``model.json`` and wall time."""
     setting = SETTINGS[task]
-    work = run_folder(work_dir, task, backbone, seed)
+    work = run_folder(work_dir, task, backbone, seed, start)
     checkpoint = work / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
-        raise SystemExit(f"{checkpoint} does not exist: run python -m benchmarks.real_data --tasks {task} --seeds {seed} first")
+        pretrained = " --pretrained" if start == IMAGENET else ""
+        raise SystemExit(f"{checkpoint} does not exist: run python -m benchmarks.real_data --tasks {task} --seeds {seed}{pretrained} first")
     output = work / "exported_int8"
     command = [
-        sys.executable, "-m", f"tasks.{task}", "export", "--config", setting.config, "--config", str(work / "override.yaml"),
+        sys.executable, "-m", f"tasks.{task}", "export", "--config", setting.config_for(start), "--config", str(work / "override.yaml"),
         "--data.root", str(datasets_root / setting.data_dir), "--ckpt_path", str(checkpoint), "--output", str(output),
         "--int8", "true", "--executorch", "true", "--calibration_images", str(calibration_images),
     ]
@@ -69,10 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backbone", default="mobileone_s0")
     parser.add_argument("--calibration-images", type=int, default=256)
+    parser.add_argument("--start", choices=[SCRATCH, IMAGENET], default=SCRATCH, help="the runs from scratch or fine-tuned from ImageNet")
     args = parser.parse_args(argv)
     results = {}
     for task in args.tasks:
-        results[task] = export(task, args.datasets_root, args.work_dir, args.seed, args.calibration_images, args.backbone)
+        results[task] = export(task, args.datasets_root, args.work_dir, args.seed, args.calibration_images, args.backbone, args.start)
         print(f"[int8_cost] {task}: exported in {results[task]['seconds']:.0f} s", file=sys.stderr, flush=True)
     print(markdown(results))
 

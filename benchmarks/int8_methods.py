@@ -1,7 +1,8 @@
 """INT8 on real ImageNet weights: plain post-training quantization against the network prepared for it.
 
     python -m benchmarks.int8_methods                     # S0 and MobileNetV2, fold 0, every variant
-    python -m benchmarks.int8_methods --folds 0 1 --variants prepared   # the export's default, both folds
+    python -m benchmarks.int8_methods --folds 0 1 --models mobileone_s0 --variants prepared_percentile searched
+        prepared_percentile_reduce_range searched_reduce_range     # the range search against the calibrated ranges
 
 ``imagenet-sample``'s 500 images (one per class of 500 ImageNet classes) are split into two halves
 of 250 (seed 0; fold 1 swaps them), preprocessed as torchvision's ImageNet evaluation: one calibrates,
@@ -16,18 +17,20 @@ float32's. Variants:
   (``--int8_preparation false``, minmax calibration);
 - ``prepared``: ``backbones.quantization.prepare_for_int8`` (activations equalized per channel,
   weight-rounding bias corrected), minmax calibration, and the ExecuTorch file;
-- ``prepared_percentile``: the same with percentile calibration: the export's default;
+- ``prepared_percentile``: the same with percentile calibration (the export's default before the
+  range search);
 - ``searched``: then each activation's range narrowed where that brings the INT8 logits closer to
-  float32's on 64 calibration images (``--int8_range_search true``,
-  ``backbones.quantization.prepare_with_searched_ranges``), for both files;
+  float32's on 64 calibration images (``backbones.quantization.prepare_with_searched_ranges``), for
+  both files: the export's default for a MobileOne classifier;
 - each with ``_reduce_range``: onnxruntime's scheme for x86 CPUs without VNNI (7-bit weights; computed
   exactly there and here, so its figures hold on both kinds of CPU); the others use ``s8s8``, which
   such CPUs compute with int16 saturation.
 
-Then, from the ``prepared`` folder of each model, batch-1 one-thread latency of ``model.onnx`` against
+Then, from the folder of the first of ``searched``, ``prepared_percentile``, ``prepared`` that ran
+(fold: the first given), for each model, batch-1 one-thread latency of ``model.onnx`` against
 ``model.int8.onnx`` (onnxruntime) and ``model.pte`` against ``model.int8.pte`` (ExecuTorch),
-interleaved in one run. The export writes nothing else; preparation does not change the graph, so
-the latency of every variant's INT8 file is that of ``prepared``'s.
+interleaved in one run. The export writes nothing else; neither preparation nor the range search
+changes the graph (only weights and scales), so every variant's INT8 file runs in the same time.
 """
 
 from __future__ import annotations
@@ -43,12 +46,14 @@ from benchmarks.int8_schemes import DEFAULT_SHARED, MODELS, ROOT, fused_network,
 
 VARIANTS = {  # fuse_and_export's INT8 options (ExportOptions)
     "ptq": dict(int8_preparation=False, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
-    "prepared": dict(int8_preparation=True, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
-    "prepared_percentile": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8", executorch=True),
+    "prepared": dict(int8_preparation=True, int8_range_search=False, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
+    "prepared_percentile": dict(int8_preparation=True, int8_range_search=False, calibration_method="percentile", int8_scheme="s8s8",
+                                executorch=True),
     "searched": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8", executorch=True, int8_range_search=True),
     "ptq_reduce_range": dict(int8_preparation=False, calibration_method="minmax", int8_scheme="reduce_range"),
-    "prepared_reduce_range": dict(int8_preparation=True, calibration_method="minmax", int8_scheme="reduce_range"),
-    "prepared_percentile_reduce_range": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="reduce_range"),
+    "prepared_reduce_range": dict(int8_preparation=True, int8_range_search=False, calibration_method="minmax", int8_scheme="reduce_range"),
+    "prepared_percentile_reduce_range": dict(int8_preparation=True, int8_range_search=False, calibration_method="percentile",
+                                             int8_scheme="reduce_range"),
     "searched_reduce_range": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="reduce_range",
                                   int8_range_search=True),
 }

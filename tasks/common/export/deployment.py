@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from backbones.export import is_finite, output_tensors, to_onnx_bytes
-from backbones.quantization import prepare_for_int8, prepare_with_searched_ranges
+from backbones.quantization import int8_simulation_unsupported, prepare_for_int8, prepare_with_searched_ranges
 from backbones.runtimes import (
     INT8_WEIGHT_LEVELS,
     ExecuTorchNetwork,
@@ -54,24 +54,38 @@ def deployment_files(
     deployed: dict[str, nn.Module] = {}
     trained_for_int8 = int8_activations is not None
     int8_preparation = options.int8_preparation and not trained_for_int8
-    range_search = options.int8_range_search and not trained_for_int8
-    if range_search and not int8_preparation:
-        raise ValueError("int8_range_search=True searches the ranges of the network prepared for INT8: it needs int8_preparation=True")
+    if options.int8_range_search and not int8_preparation:
+        raise ValueError("int8_range_search=True searches the ranges of the network prepared for INT8: it needs int8_preparation=True "
+                         "(and a network not trained for INT8)")
     prepared_copies: dict[int | None, tuple[nn.Module, Sequence[dict[str, Any]] | None]] = {}
-    searched: list[dict[str, Any]] = []
+    searched: dict[str, dict[str, Any]] = {}  # per weight levels: what the range search did
+
+    def range_search_unsupported(levels: int | None) -> str | None:
+        if levels is None:
+            return "the u8u8 scheme's asymmetric weights are not simulated"
+        if count_images(calibration) < 2:
+            return "it needs at least 2 calibration images (one to search on, one to check)"
+        if quantized_modules is not None:
+            return f"only some modules are quantized ({', '.join(quantized_modules)}); the search simulates a wholly quantized network"
+        return int8_simulation_unsupported(fused)
 
     def prepared_for(levels: int | None) -> tuple[nn.Module, Sequence[dict[str, Any]] | None]:
-        """The copy of ``fused`` prepared for weights of ``levels`` and its searched activation ranges
-        (None: calibrate them), made once (ONNX s8s8 and ExecuTorch share it)."""
+        """The copy of ``fused`` prepared for weights of ``levels`` and, where searched, its activation
+        ranges (None: calibrate them), made once (ONNX s8s8 and ExecuTorch share it)."""
         if levels not in prepared_copies:
-            if not range_search:
+            reason = range_search_unsupported(levels) if options.int8_range_search is not False else "off"
+            if reason is not None and options.int8_range_search:
+                raise ValueError(f"int8_range_search=True: {reason}")
+            if reason is not None:
                 prepared_copies[levels] = prepare_for_int8(fused, calibration, levels, modules=quantized_modules), None
-            elif levels is None or quantized_modules is not None:
-                raise ValueError("int8_range_search=True: the ranges are searched for a whole network with symmetric int8 "
-                                 "weights (int8_scheme s8s8 or reduce_range, every layer quantized)")
             else:
-                network, sites, rows = prepare_with_searched_ranges(fused, calibration, levels)
-                searched.extend(row for row in rows if row["fraction"] < 1.0)
+                started = time.perf_counter()
+                network, sites, search = prepare_with_searched_ranges(fused, calibration, levels)
+                log.info("INT8 activation ranges searched for the logits' error on %d calibration images (weights of %d levels): %d "
+                         "narrowed; error on %d others %.4f calibrated, %.4f searched: %s (%.1f s)", search["search_images"], levels,
+                         len(search["narrowed"]), search["check_images"], search["check_error_calibrated"],
+                         search["check_error_searched"], "kept" if search["kept"] else "not kept", since(started))
+                searched[str(levels)] = search
                 prepared_copies[levels] = network, sites
         return prepared_copies[levels]
 
@@ -89,14 +103,12 @@ def deployment_files(
         report["int8_calibration"] = {
             "images": count_images(calibration), "onnx_scheme": int8_scheme,
             "onnx_method": (f"the ranges of quantization-aware training ({len(int8_activations)} tensors)" if trained_for_int8
-                            else f"{options.calibration_method}, then searched for the logits' error" if range_search
+                            else f"{options.calibration_method}, then searched for the logits' error" if activations is not None
                             else options.calibration_method),
             "cpu": cpu, "cpu_flags": cpu_flags(),
             "preparation": "equalized activations, weight-rounding bias corrected (backbones.quantization)" if int8_preparation else None,
-            "executorch_observer": ("the searched ranges" if range_search else "HistogramObserver (the XNNPACK quantizer's)") if executorch else None,
+            "executorch_observer": None,
         }
-        if range_search:
-            report["int8_calibration"]["searched_ranges"] = searched  # the tensors whose range was narrowed
         log.info("INT8 ONNX quantized (static QDQ, %s, activation ranges: %s on %d images; this CPU: %s) (%.1f s)", int8_scheme,
                  report["int8_calibration"]["onnx_method"], count_images(calibration), cpu, since(started))
     if executorch:
@@ -114,8 +126,12 @@ def deployment_files(
             prepared, activations = prepared_for(INT8_WEIGHT_LEVELS["s8s8"]) if int8_preparation else (fused, None)
             files[EXECUTORCH_INT8_FILE] = to_executorch(prepared, example_inputs, dynamic_image_size, calibration, modules=quantized_modules,
                                                         activation_quantization=activations)
+            report["int8_calibration"]["executorch_observer"] = (
+                "the searched ranges" if activations is not None else "HistogramObserver (the XNNPACK quantizer's)")
             deployed[EXECUTORCH_INT8_FILE] = ExecuTorchNetwork(files[EXECUTORCH_INT8_FILE])
             log.info("INT8 ExecuTorch program (PT2E, XNNPACK) quantized and lowered (%.1f s)", since(started))
+    if searched:  # by weight levels: "127" (s8s8 and XNNPACK), "64" (reduce_range)
+        report["int8_calibration"]["range_search"] = searched
     for name, content in files.items():
         writers[name] = (name, lambda p, content=content: p.write_bytes(content))
     return deployed

@@ -30,7 +30,7 @@ class ExportOptions:
     calibration_method: Literal["minmax", "percentile", "entropy"] = "percentile"
     int8_scheme: Literal["s8s8", "u8u8", "reduce_range"] | None = None
     int8_preparation: bool = True
-    int8_range_search: bool = False
+    int8_range_search: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def export_task(
     calibration_method: Literal["minmax", "percentile", "entropy"] = "percentile",
     int8_scheme: Literal["s8s8", "u8u8", "reduce_range"] | None = None,
     int8_preparation: bool = True,
-    int8_range_search: bool = False,
+    int8_range_search: bool | None = None,
     validation_batches: int | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s network in inference form, checked on real validation inputs; the options
@@ -86,10 +86,13 @@ def export_task(
             for a network trained in its INT8 arithmetic (the task's ``int8_simulation()``): its
             INT8 file is made in the scheme and with the activation ranges of the training (and
             ``executorch`` is refused for one trained in ``reduce_range``, not XNNPACK's s8s8).
-        int8_range_search: with ``int8_preparation``, for a MobileOne classifier: after calibration,
-            narrow each activation's range where that brings the INT8 logits closer to float32's on
-            64 calibration images (``backbones.quantization.prepare_with_searched_ranges``; about a
-            minute for S0 on 2 cores); both INT8 files get those ranges.
+        int8_range_search: with ``int8_preparation``: after calibration, narrow each activation's
+            range where that brings the INT8 logits closer to float32's on 64 calibration images
+            (``backbones.quantization.prepare_with_searched_ranges``; 3-4 minutes for S0 at 224 px on 2
+            cores); both INT8 files get those ranges. Default (None): wherever the INT8 simulation
+            covers the network (a MobileOne classifier without squeeze-excitation, every layer
+            quantized, symmetric weights: s8s8, reduce_range and XNNPACK); ``model.json`` records it.
+            True: required (an error where it does not apply); False: the calibrated ranges.
         validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
             fused model are run through the validation split and their metrics recorded in
             ``model.json``; this limits that to the first batches (default: the whole split).
