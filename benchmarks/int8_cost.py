@@ -23,7 +23,8 @@ from benchmarks.real_data import DEFAULT_DATASETS, IMAGENET, ROOT, SCRATCH, SETT
 FILES = ("model_fused.pt", "model.int8.onnx", "model.pte", "model.int8.pte")
 
 
-def export(task: str, datasets_root: Path, work_dir: Path, seed: int, calibration_images: int, backbone: str, start: str = SCRATCH) -> dict:
+def export(task: str, datasets_root: Path, work_dir: Path, seed: int, calibration_images: int, backbone: str, start: str = SCRATCH,
+           executorch: bool = True) -> dict:
     """Export one real-data model with INT8 and ExecuTorch files; return its ``model.json`` and wall time."""
     setting = SETTINGS[task]
     work = run_folder(work_dir, task, backbone, seed, start)
@@ -35,7 +36,7 @@ def export(task: str, datasets_root: Path, work_dir: Path, seed: int, calibratio
     command = [
         sys.executable, "-m", f"tasks.{task}", "export", "--config", setting.config_for(start), "--config", str(work / "override.yaml"),
         "--data.root", str(datasets_root / setting.data_dir), "--ckpt_path", str(checkpoint), "--output", str(output),
-        "--int8", "true", "--executorch", "true", "--calibration_images", str(calibration_images),
+        "--int8", "true", "--executorch", str(executorch).lower(), "--calibration_images", str(calibration_images),
     ]
     seconds = _run(command, work / "export_int8.log")
     return {"metadata": json.loads((output / "model.json").read_text()), "seconds": seconds}
@@ -50,7 +51,7 @@ def markdown(results: dict[str, dict]) -> str:
         metric = f"val/{SETTINGS[task].metric}"
         deployed, sizes = result["metadata"]["deployed"], result["metadata"]["file_bytes"]
         reference = deployed["model_fused.pt"]["validation"][metric]
-        for name in FILES:
+        for name in [name for name in FILES if name in deployed]:
             record = deployed[name]
             value = record["validation"][metric]
             comparison = record.get("vs_float32")
@@ -72,10 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default="mobileone_s0")
     parser.add_argument("--calibration-images", type=int, default=256)
     parser.add_argument("--start", choices=[SCRATCH, IMAGENET], default=SCRATCH, help="the runs from scratch or fine-tuned from ImageNet")
+    parser.add_argument("--no-executorch", dest="executorch", action="store_false", help="the onnxruntime files only")
     args = parser.parse_args(argv)
     results = {}
     for task in args.tasks:
-        results[task] = export(task, args.datasets_root, args.work_dir, args.seed, args.calibration_images, args.backbone, args.start)
+        results[task] = export(task, args.datasets_root, args.work_dir, args.seed, args.calibration_images, args.backbone, args.start,
+                                args.executorch)
         print(f"[int8_cost] {task}: exported in {results[task]['seconds']:.0f} s", file=sys.stderr, flush=True)
     print(markdown(results))
 
