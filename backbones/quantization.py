@@ -16,7 +16,9 @@ on real ImageNet weights). Two exact transforms remove that:
   int8 causes on calibration images, subtracted from its bias (Nagel et al.'s empirical bias
   correction, "Data-Free Quantization", 2019).
 
-``prepare_for_int8`` applies both; the export (``tasks.common.export``) quantizes its copy by default.
+``prepare_for_int8`` applies both; the export (``tasks.common.export``) quantizes its copy by default,
+and for a MobileOne classifier also searches the activation ranges for the logits' error
+(``prepare_with_searched_ranges``, below the quantization-aware simulation it runs on).
 Imports only torch.
 """
 
@@ -551,8 +553,8 @@ def search_activation_ranges(model: nn.Module, float_model: nn.Module, images: t
     Greedy, in the order the network computes: each quantizer's range is scaled by each of
     ``fractions`` (every quantizer before it already chosen, every one after it as calibrated) and
     keeps the one with the lowest error, or its own. Only the blocks from the quantizer's on are
-    recomputed. Returns
-    one row per quantizer: ``{"module", "tensor", "fraction", "error"}`` (error with the choice made)."""
+    recomputed. Returns one row per quantizer: ``{"module", "tensor", "fraction", "error"}`` (the
+    error with the choice made)."""
     _check_simulated_network(model)
     model.eval()
     images = images.float()
@@ -613,10 +615,10 @@ def prepare_with_searched_ranges(model: nn.Module, calibration: Iterable[torch.T
         raise ValueError(f"the range search needs at least 2 calibration images (one to search on, one to check), got {len(images)}")
     search, check = images[:searched], images[searched:]
     with torch.no_grad():
-        reference = model.eval()(check)
+        reference = torch.cat([model.eval()(part) for part in check.split(32)])
 
         def check_error() -> float:
-            return float((simulation(check) - reference).norm() / reference.norm())
+            return float((torch.cat([simulation(part) for part in check.split(32)]) - reference).norm() / reference.norm())
 
         calibrated = copy.deepcopy(simulation.state_dict())
         error_before = check_error()
