@@ -36,7 +36,7 @@ from backbones.network import MobileOne, MobileOneBlock
 
 __all__ = [
     "DENSE_MIGRATION", "RANGE_FRACTIONS", "ActivationQuantizer", "Int8SimulatedConv2d", "Int8SimulatedLinear",
-    "activation_scale_and_zero_point", "calibrate_int8_simulation", "correct_weight_rounding_bias", "equalization_scales",
+    "activation_range", "activation_scale_and_zero_point", "calibrate_int8_simulation", "correct_weight_rounding_bias", "equalization_scales",
     "equalize_activations", "equalized_pairs", "int8_simulation_sites", "int8_simulation_unsupported", "int8_weights", "prepare_for_int8",
     "prepare_with_searched_ranges", "remove_int8_simulation", "search_activation_ranges", "simulate_int8",
 ]
@@ -253,6 +253,12 @@ def activation_scale_and_zero_point(low: float, high: float) -> tuple[float, int
     return scale, max(ACTIVATION_QMIN, min(ACTIVATION_QMAX, zero_point))
 
 
+def activation_range(scale: float, zero_point: int | float) -> tuple[float, float]:
+    """The (low, high) that an int8 (asymmetric, [-128, 127]) scale and zero point cover: the inverse
+    of ``activation_scale_and_zero_point``."""
+    return (ACTIVATION_QMIN - float(zero_point)) * float(scale), (ACTIVATION_QMAX - float(zero_point)) * float(scale)
+
+
 class ActivationQuantizer(nn.Module):
     """Per-tensor int8 quantize-dequantize with a fixed scale and zero point (buffers, in the
     checkpoint); the identity until ``calibrated``. While ``observed`` is a list, it records each
@@ -285,6 +291,10 @@ class ActivationQuantizer(nn.Module):
         self.scale.fill_(scale)
         self.zero_point.fill_(zero_point)
         self.calibrated.fill_(True)
+
+    def range(self) -> tuple[float, float]:
+        """The (low, high) the quantizer covers (``set_range``'s, widened to hold 0)."""
+        return activation_range(float(self.scale), float(self.zero_point))
 
     def extra_repr(self) -> str:
         return f"scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}" if bool(self.calibrated) else "not calibrated"
@@ -582,8 +592,7 @@ def search_activation_ranges(model: nn.Module, float_model: nn.Module, images: t
         for unit in units[computed:index]:
             x = unit(x)
         computed = index
-        scale, zero_point = float(quantizer.scale), float(quantizer.zero_point)
-        low, high = (ACTIVATION_QMIN - zero_point) * scale, (ACTIVATION_QMAX - zero_point) * scale
+        low, high = quantizer.range()
         best_fraction, best_error = 1.0, error_from(index, x)
         for fraction in fractions:  # every one: the error is not monotone in the range (each step rounds differently)
             quantizer.set_range(low * fraction, high * fraction)

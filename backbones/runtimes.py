@@ -298,6 +298,8 @@ def _fix_observed_ranges(observed: torch.fx.GraphModule, sites: Sequence[dict[st
     each site's int8 range, so that the program uses it."""
     from torchao.quantization.pt2e import MinMaxObserver
 
+    from backbones.quantization import activation_range
+
     if not sites:
         return
     wanted = {(site["module"], site["tensor"]): site for site in sites}
@@ -320,8 +322,7 @@ def _fix_observed_ranges(observed: torch.fx.GraphModule, sites: Sequence[dict[st
             continue
         old = getattr(observed, node.target)
         fixed = MinMaxObserver(dtype=old.dtype, qscheme=old.qscheme, quant_min=old.quant_min, quant_max=old.quant_max)
-        low = (old.quant_min - site["zero_point"]) * site["scale"]
-        fixed(torch.tensor([low, (old.quant_max - site["zero_point"]) * site["scale"]]))
+        fixed(torch.tensor(activation_range(site["scale"], site["zero_point"])))
         setattr(observed, node.target, fixed)
         found.add((site["module"], site["tensor"]))
     missing = sorted(set(wanted) - found)
