@@ -459,10 +459,11 @@ class ExecuTorchNetwork(nn.Module):
                     self.method = self.program.load_method("forward")
             except RuntimeError as error:
                 raise RuntimeError(
-                    f"ExecuTorch could not load the program ({error}; XNNPACK's reason is printed above). An INT8 program "
-                    "is refused when a layer's quantization scales are out of XNNPACK's range, which happens with "
-                    "activations of wildly different magnitudes: a network whose BatchNorm statistics do not match its "
-                    "weights yet, e.g. a checkpoint of the first training steps"
+                    f"ExecuTorch could not load the program ({error}; XNNPACK's reason is printed above). XNNPACK refuses "
+                    "an INT8 program when the quantization scales of a layer's input, weights and output are too far apart "
+                    "for its integer kernels. Seen with the checkpoint of a network's first training steps (BatchNorm "
+                    "statistics that do not match its weights yet) and once with a detector fine-tuned from ImageNet "
+                    "weights whose retraining exported fine; without --executorch the other files export as usual"
                 ) from error
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
