@@ -16,7 +16,13 @@ on real ImageNet weights). Two exact transforms remove that:
   int8 causes on calibration images, subtracted from its bias (Nagel et al.'s empirical bias
   correction, "Data-Free Quantization", 2019).
 
-``prepare_for_int8`` applies both; the export (``tasks.common.export``) quantizes its copy by default,
+- ``round_weights_for_output_error`` (instead of nearest rounding and bias correction): each
+  layer's weights rounded column by column, every column's rounding error compensated in the
+  columns not yet rounded through the inverse of the layer's input second moments (Frantar et al.'s
+  GPTQ, 2023), the mean error left moved into the bias. It matters where weights are coarse:
+  onnxruntime's ``reduce_range`` (64 levels each side).
+
+``prepare_for_int8`` applies them; the export (``tasks.common.export``) quantizes its copy by default,
 and for a MobileOne classifier also searches the activation ranges for the logits' error
 (``prepare_with_searched_ranges``, below the quantization-aware simulation it runs on).
 Imports only torch.
@@ -38,9 +44,11 @@ __all__ = [
     "DENSE_MIGRATION", "RANGE_FRACTIONS", "ActivationQuantizer", "Int8SimulatedConv2d", "Int8SimulatedLinear",
     "activation_range", "activation_scale_and_zero_point", "calibrate_int8_simulation", "correct_weight_rounding_bias", "equalization_scales",
     "equalize_activations", "equalized_pairs", "int8_simulation_sites", "int8_simulation_unsupported", "int8_weights", "prepare_for_int8",
-    "prepare_with_searched_ranges", "remove_int8_simulation", "search_activation_ranges", "simulate_int8",
+    "prepare_with_searched_ranges", "remove_int8_simulation", "round_weights_for_output_error", "search_activation_ranges", "simulate_int8",
 ]
 
+WEIGHT_ROUNDINGS = ("nearest", "output_error")  # nearest + bias correction; GPTQ-style (round_weights_for_output_error)
+GPTQ_DAMPING = 0.01  # of the mean diagonal of a layer's input second moments, added to it (GPTQ's default)
 DENSE_MIGRATION = 0.5  # how much of an activation channel's range moves into a dense 1x1 layer's weights
 MAX_CHANNEL_SCALE = 1e4  # no channel is scaled up by more (a near-silent channel would otherwise be blown up)
 
@@ -205,17 +213,94 @@ def correct_weight_rounding_bias(model: nn.Module, calibration: Iterable[Any], l
     return model
 
 
+def _patches(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as (groups, inputs per output of a group, samples): the columns its weights multiply."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, layer.in_features).t().unsqueeze(0)
+    columns = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    count, width, positions = columns.shape
+    return columns.view(count, layer.groups, width // layer.groups, positions).permute(1, 2, 0, 3).reshape(layer.groups, width // layer.groups, -1)
+
+
+def _round_layer_for_output_error(layer: nn.Conv2d | nn.Linear, second: torch.Tensor, mean: torch.Tensor, levels: int) -> None:
+    """GPTQ on one layer, in place: ``second`` its input columns' second moments per group, ``mean`` their means."""
+    original = layer.weight.detach().double().flatten(1)
+    groups, width = mean.shape
+    weights = original.view(groups, -1, width).clone()
+    step = (original.abs().amax(1).clamp(min=1e-30) / levels).view(groups, -1)
+    diagonal = torch.diagonal(second, dim1=-2, dim2=-1)
+    damped = second + torch.diag_embed((diagonal <= 0).double() + GPTQ_DAMPING * diagonal.mean(-1, keepdim=True).expand(-1, width))
+    inverse_root = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    codes = torch.zeros_like(weights)
+    for column in range(width):
+        value = weights[:, :, column]
+        chosen = torch.clamp(torch.round(value / step), -levels, levels)
+        codes[:, :, column] = chosen
+        error = (value - chosen * step) / inverse_root[:, column, column].unsqueeze(1)
+        weights[:, :, column + 1:] -= error.unsqueeze(-1) * inverse_root[:, column, column + 1:].unsqueeze(1)
+    flat = codes.view(original.shape)
+    # keep each channel's largest weight at +-levels steps: the quantizer derives the step from it
+    largest = original.abs().argmax(1)
+    rows = torch.arange(len(flat))
+    flat[rows, largest] = torch.where(flat.abs().amax(1) < levels, torch.sign(original[rows, largest]) * levels, flat[rows, largest])
+    rounded = flat * step.reshape(-1, 1)
+    shift = torch.einsum("gow,gw->go", (original - rounded).view(groups, -1, width), mean).reshape(-1)
+    layer.weight.copy_(rounded.view_as(layer.weight).to(layer.weight.dtype))
+    layer.bias.add_(shift.to(layer.bias.dtype))
+
+
+@torch.no_grad()
+def round_weights_for_output_error(model: nn.Module, calibration: Iterable[Any], levels: int = 127,
+                                   forward: Callable[[nn.Module, Any], None] = _call, modules: Sequence[str] | None = None) -> nn.Module:
+    """A copy of ``model`` (fused, eval mode) whose convolution and linear layers with a bias (inside
+    ``modules`` if given) hold weights already on their symmetric per-output-channel grid of
+    ``levels`` steps (``int8_weights`` leaves them unchanged), each layer rounded column by column
+    with GPTQ's error compensation on the float inputs it sees on ``calibration``, and its bias
+    shifted by the mean output error left (the role of ``correct_weight_rounding_bias``)."""
+    model = copy.deepcopy(model).eval()
+    layers = list(_quantized_layers(model, modules))
+    moments: list[torch.Tensor | None] = [None] * len(layers)
+    sums: list[torch.Tensor | None] = [None] * len(layers)
+    counts = [0] * len(layers)
+
+    def record(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            columns = _patches(module, args[0].detach().float())
+            second, first = torch.einsum("gil,gjl->gij", columns, columns).double(), columns.sum(-1).double()
+            moments[index] = second if moments[index] is None else moments[index] + second
+            sums[index] = first if sums[index] is None else sums[index] + first
+            counts[index] += columns.shape[-1]
+        return hook
+
+    _calibrate_with_input_hooks(model, layers, record, calibration, forward)
+    for layer, second, first, count in zip(layers, moments, sums, counts):
+        if second is not None:
+            _round_layer_for_output_error(layer, second / count, first / count, levels)
+    return model
+
+
+def _rounded_for_int8(model: nn.Module, calibration: list[Any], levels: int, forward: Callable[[nn.Module, Any], None],
+                      modules: Sequence[str] | None, weight_rounding: str) -> nn.Module:
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise ValueError(f"weight rounding {weight_rounding!r}: expected one of {WEIGHT_ROUNDINGS}")
+    if weight_rounding == "output_error":
+        return round_weights_for_output_error(model, calibration, levels, forward, modules)
+    return correct_weight_rounding_bias(model, calibration, levels, forward, modules)
+
+
 def prepare_for_int8(model: nn.Module, calibration: Iterable[Any], levels: int | None = 127, dense_migration: float = DENSE_MIGRATION,
-                     forward: Callable[[nn.Module, Any], None] = _call, modules: Sequence[str] | None = None) -> nn.Module:
-    """``equalize_activations`` then ``correct_weight_rounding_bias`` (of the layers in ``modules``, if
-    given): a copy of ``model`` computing the same function, ready for a per-channel int8 quantizer
-    whose weights have ``levels`` steps each side of 0 (127; 64 for onnxruntime's ``reduce_range``;
-    None for asymmetric weights: no bias correction)."""
+                     forward: Callable[[nn.Module, Any], None] = _call, modules: Sequence[str] | None = None,
+                     weight_rounding: str = "nearest") -> nn.Module:
+    """``equalize_activations`` then, for the layers in ``modules`` if given, ``correct_weight_rounding_bias``
+    (``weight_rounding="nearest"``) or ``round_weights_for_output_error`` (``"output_error"``): a copy of
+    ``model`` computing the same function (up to the weights' rounding with ``"output_error"``), ready for a
+    per-channel int8 quantizer whose weights have ``levels`` steps each side of 0 (127; 64 for
+    onnxruntime's ``reduce_range``; None for asymmetric weights: equalization only)."""
     calibration = list(calibration)
     equalized = equalize_activations(model, calibration, dense_migration, forward)
     if levels is None:
         return equalized
-    return correct_weight_rounding_bias(equalized, calibration, levels, forward, modules)
+    return _rounded_for_int8(equalized, calibration, levels, forward, modules, weight_rounding)
 
 
 # Quantization-aware training: the fused network computing what its INT8 file will compute.
@@ -437,11 +522,13 @@ def _simulated_layers(model: nn.Module) -> list[tuple[str, _Int8SimulatedLayer]]
 
 @torch.no_grad()
 def calibrate_int8_simulation(model: nn.Module, calibration: Iterable[Any], dense_migration: float = DENSE_MIGRATION,
-                              forward: Callable[[nn.Module, Any], None] = _call) -> nn.Module:
+                              forward: Callable[[nn.Module, Any], None] = _call, weight_rounding: str = "nearest") -> nn.Module:
     """Prepare ``simulate_int8``'s network on ``calibration`` (in place; returned): the equalization
     factors of ``equalize_activations``, each layer's bias corrected for its weights' int8 rounding
-    (``correct_weight_rounding_bias``), then each quantizer's range: the mean over batches of the
-    batch's 0.001 % / 99.999 % percentiles. Every quantizer is recalibrated."""
+    (``correct_weight_rounding_bias``; with ``weight_rounding="output_error"`` its weights replaced by
+    ``round_weights_for_output_error``'s instead, expressed before the equalization factors), then each
+    quantizer's range: the mean over batches of the batch's 0.001 % / 99.999 % percentiles. Every
+    quantizer is recalibrated."""
     calibration = list(calibration)
     quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
     for quantizer in quantizers:
@@ -453,9 +540,14 @@ def calibrate_int8_simulation(model: nn.Module, calibration: Iterable[Any], dens
         layers[names[id(first.reparam_conv)]].output_scale.mul_(scale.to(torch.float32))
         layers[names[id(second.reparam_conv)]].input_scale.mul_(scale.to(torch.float32))
     levels = {m.weight_levels for m in layers.values()}
-    corrected = correct_weight_rounding_bias(remove_int8_simulation(model), calibration, levels.pop() if len(levels) == 1 else 127, forward)
+    rounded = _rounded_for_int8(remove_int8_simulation(model), calibration, levels.pop() if len(levels) == 1 else 127, forward, None,
+                                weight_rounding)
     for name, layer in layers.items():
-        layer.bias.copy_(corrected.get_submodule(name).bias / layer.output_scale)
+        if weight_rounding == "output_error":  # undo the factors: equalized_weight() gives back the rounded weights
+            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+            on_grid = rounded.get_submodule(name).weight.double()
+            layer.weight.copy_(on_grid / layer.output_scale.double().view(shape) * _input_columns(layer, layer.input_scale.double()))
+        layer.bias.copy_(rounded.get_submodule(name).bias / layer.output_scale)
     for quantizer in quantizers:
         quantizer.observed = []
     try:
@@ -606,8 +698,9 @@ def search_activation_ranges(model: nn.Module, float_model: nn.Module, images: t
 
 
 def prepare_with_searched_ranges(model: nn.Module, calibration: Iterable[torch.Tensor], levels: int = 127,
-                                 search_images: int = RANGE_SEARCH_IMAGES) -> tuple[nn.Module, list[dict[str, Any]] | None, dict[str, Any]]:
-    """``prepare_for_int8``'s transforms (through ``calibrate_int8_simulation``) for ``model``, a fused
+                                 search_images: int = RANGE_SEARCH_IMAGES,
+                                 weight_rounding: str = "nearest") -> tuple[nn.Module, list[dict[str, Any]] | None, dict[str, Any]]:
+    """``prepare_for_int8``'s transforms (through ``calibrate_int8_simulation``, with ``weight_rounding``) for ``model``, a fused
     MobileOne classifier, and activation ranges searched for the logits' error
     (``search_activation_ranges``) on the first calibration images (half of them, at most
     ``search_images``), kept only if they also lower the error on the other calibration images.
@@ -617,7 +710,7 @@ def prepare_with_searched_ranges(model: nn.Module, calibration: Iterable[torch.T
     not kept: calibrate as usual) and a report: the narrowed rows, the check images' count and their
     logits' error with the calibrated and the searched ranges, and whether the search was kept."""
     calibration = list(calibration)
-    simulation = calibrate_int8_simulation(simulate_int8(model, levels), calibration)
+    simulation = calibrate_int8_simulation(simulate_int8(model, levels), calibration, weight_rounding=weight_rounding)
     images = torch.cat([torch.as_tensor(batch) for batch in calibration]).float()
     searched = min(search_images, len(images) // 2)
     if searched < 1:

@@ -22,6 +22,10 @@ float32's. Variants:
 - ``searched``: then each activation's range narrowed where that brings the INT8 logits closer to
   float32's on 64 calibration images (``backbones.quantization.prepare_with_searched_ranges``), for
   both files: the export's default for a MobileOne classifier;
+- ``searched_gptq``: ``searched`` with the weights rounded for each layer's output error
+  (GPTQ-style, ``backbones.quantization.round_weights_for_output_error``) instead of to the nearest
+  step with bias correction (every other variant pins the nearest rounding);
+- ``gptq_reduce_range``: ``prepared_percentile_reduce_range`` with that rounding;
 - each with ``_reduce_range``: onnxruntime's scheme for x86 CPUs without VNNI (7-bit weights; computed
   exactly there and here, so its figures hold on both kinds of CPU); the others use ``s8s8``, which
   such CPUs compute with int16 saturation.
@@ -49,13 +53,21 @@ VARIANTS = {  # fuse_and_export's INT8 options (ExportOptions)
     "prepared": dict(int8_preparation=True, int8_range_search=False, calibration_method="minmax", int8_scheme="s8s8", executorch=True),
     "prepared_percentile": dict(int8_preparation=True, int8_range_search=False, calibration_method="percentile", int8_scheme="s8s8",
                                 executorch=True),
-    "searched": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8", executorch=True, int8_range_search=True),
+    "searched": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8", executorch=True, int8_range_search=True,
+                     int8_weight_rounding="nearest"),
+    "searched_gptq": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="s8s8", executorch=True,
+                          int8_range_search=True, int8_weight_rounding="output_error"),
     "ptq_reduce_range": dict(int8_preparation=False, calibration_method="minmax", int8_scheme="reduce_range"),
-    "prepared_reduce_range": dict(int8_preparation=True, int8_range_search=False, calibration_method="minmax", int8_scheme="reduce_range"),
+    "prepared_reduce_range": dict(int8_preparation=True, int8_range_search=False, calibration_method="minmax", int8_scheme="reduce_range",
+                                  int8_weight_rounding="nearest"),
     "prepared_percentile_reduce_range": dict(int8_preparation=True, int8_range_search=False, calibration_method="percentile",
-                                             int8_scheme="reduce_range"),
+                                             int8_scheme="reduce_range", int8_weight_rounding="nearest"),
     "searched_reduce_range": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="reduce_range",
-                                  int8_range_search=True),
+                                  int8_range_search=True, int8_weight_rounding="nearest"),
+    "gptq_reduce_range": dict(int8_preparation=True, int8_range_search=False, calibration_method="percentile", int8_scheme="reduce_range",
+                              int8_weight_rounding="output_error"),
+    "searched_gptq_reduce_range": dict(int8_preparation=True, calibration_method="percentile", int8_scheme="reduce_range",
+                                       int8_range_search=True, int8_weight_rounding="output_error"),
 }
 METRIC = "val/acc1"
 HALF = 250

@@ -248,37 +248,3 @@ def test_real_data_reads_each_tasks_declarations():
     for task, setting in SETTINGS.items():
         assert (setting.metric, setting.weights_option) == expected[task]
         assert setting.task_class.weights_hparam in inspect.signature(setting.task_class.__init__).parameters
-
-
-def test_output_error_rounding_stays_on_the_int8_grid_and_beats_nearest_rounding():
-    """benchmarks.int8_rounding's GPTQ-style rounding: every weight on the per-channel int8 grid the
-    quantizer computes (rounding again changes nothing, each channel's largest weight kept), and
-    the network's output closer to float32 than with nearest rounding and bias correction (the
-    export's default), on held-out inputs."""
-    from torch import nn
-
-    from backbones.quantization import correct_weight_rounding_bias, int8_weights
-    from benchmarks.int8_rounding import round_for_output_error
-
-    torch.manual_seed(0)
-    network = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
-        nn.Conv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
-    ).eval()
-    with torch.no_grad():
-        network[4].weight[:8, :, 0, 0] += 3 * torch.eye(8)  # a folded identity: the diagonal sets the channel's step
-    def images(count: int) -> torch.Tensor:  # smooth, like photographs: neighbouring pixels correlated
-        return torch.nn.functional.interpolate(torch.randn(count, 3, 6, 6), size=24, mode="bilinear")
-
-    calibration, held_out = [images(16) for _ in range(4)], images(32)
-    rounded = round_for_output_error(network, calibration)
-    nearest = correct_weight_rounding_bias(network, calibration)  # the export's default: nearest rounding, bias corrected
-    for layer in [m for m in nearest if isinstance(m, (nn.Conv2d, nn.Linear))]:
-        layer.weight.data = int8_weights(layer.weight.data)
-    for layer in [m for m in rounded if isinstance(m, (nn.Conv2d, nn.Linear))]:
-        assert torch.allclose(int8_weights(layer.weight.data), layer.weight.data, rtol=0, atol=1e-6)
-    with torch.no_grad():
-        reference = network(held_out)
-        gptq_error = (rounded(held_out) - reference).norm() / reference.norm()
-        nearest_error = (nearest(held_out) - reference).norm() / reference.norm()
-    assert gptq_error < 0.8 * nearest_error, (float(gptq_error), float(nearest_error))

@@ -13,11 +13,15 @@ from torch import nn
 from backbones import load_checkpoint, mobileone
 from backbones.export import to_onnx_bytes
 from backbones.quantization import (
+    calibrate_int8_simulation,
     correct_weight_rounding_bias,
     equalize_activations,
     equalized_pairs,
     int8_weights,
     prepare_for_int8,
+    remove_int8_simulation,
+    round_weights_for_output_error,
+    simulate_int8,
 )
 from backbones.runtimes import INT8_CPU_VARIABLE, INT8_WEIGHT_LEVELS, OnnxRuntimeNetwork, default_int8_scheme, quantize_onnx
 from backbones.testing import relative_error
@@ -130,3 +134,62 @@ def test_prepared_int8_of_apples_s0_is_far_closer_to_float32(cpu, monkeypatch):
     # measured on this split, AVX-512 VNNI Xeon: s8s8 plain 0.37, prepared 0.15; reduce_range (the scheme
     # of CPUs without VNNI, computed exactly on both kinds) plain 0.55, prepared 0.22
     assert errors["prepared"] < min(0.3, 0.6 * errors["plain"]), errors
+
+
+def smooth_images(count: int) -> torch.Tensor:
+    """Random images whose neighbouring pixels are correlated, as in photographs."""
+    return torch.nn.functional.interpolate(torch.randn(count, 3, 6, 6), size=24, mode="bilinear")
+
+
+@pytest.mark.parametrize("levels", [127, 64])
+def test_output_error_rounding_stays_on_the_int8_grid_and_beats_nearest_rounding(levels):
+    """GPTQ-style rounding: every weight on the per-channel grid the quantizer computes (rounding
+    again changes nothing, each channel's largest weight kept), and the network's output closer to
+    float32 than with nearest rounding and bias correction, on held-out inputs."""
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()
+    with torch.no_grad():
+        network[4].weight[:8, :, 0, 0] += 3 * torch.eye(8)  # a folded identity: the diagonal sets the channel's step
+    calibration, held_out = [smooth_images(16) for _ in range(4)], smooth_images(32)
+    rounded = round_weights_for_output_error(network, calibration, levels)
+    nearest = correct_weight_rounding_bias(network, calibration, levels)
+    for layer in [m for m in nearest if isinstance(m, (nn.Conv2d, nn.Linear))]:
+        layer.weight.data = int8_weights(layer.weight.data, levels)
+    for original, layer in [(a, b) for a, b in zip(network, rounded) if isinstance(a, (nn.Conv2d, nn.Linear))]:
+        assert torch.allclose(int8_weights(layer.weight.data, levels), layer.weight.data, rtol=0, atol=1e-6)
+        assert torch.allclose(layer.weight.flatten(1).abs().amax(1), original.weight.flatten(1).abs().amax(1), rtol=1e-6, atol=0)
+    with torch.no_grad():
+        reference = network(held_out)
+        gptq_error = relative_error(rounded(held_out), reference)
+        nearest_error = relative_error(nearest(held_out), reference)
+    assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)
+
+
+def test_the_int8_simulation_holds_the_weights_output_error_rounding_chose():
+    """With ``weight_rounding="output_error"`` the simulation's equalized weights (what its int8
+    kernel and the exported file round) are the GPTQ-rounded ones, already on the grid, and the
+    plain network it gives back is ``prepare_for_int8``'s with the same rounding."""
+    torch.manual_seed(0)
+    fused = settled_s0(num_classes=10)
+    calibration, images = [torch.randn(8, 3, 64, 64) for _ in range(3)], torch.randn(8, 3, 64, 64)
+    simulated = calibrate_int8_simulation(simulate_int8(fused, 64), calibration, weight_rounding="output_error")
+    plain = remove_int8_simulation(simulated)
+    prepared = prepare_for_int8(fused, calibration, 64, weight_rounding="output_error")
+    for name in ("stage0.reparam_conv", "stage1.0.reparam_conv", "stage2.3.reparam_conv", "linear"):
+        seen = simulated.get_submodule(name).equalized_weight().detach()
+        step = seen.flatten(1).abs().amax(1).view((-1,) + (1,) * (seen.dim() - 1)) / 64
+        assert (int8_weights(seen, 64) - seen).abs().div(step).max() < 1e-3, f"{name}: off the 64-level grid"
+        assert torch.allclose(plain.get_submodule(name).weight, prepared.get_submodule(name).weight, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        # not equal to float32 rounding: the simulation's equalization factors (float32) move a weight by an ulp,
+        # which can flip one rounding decision that GPTQ then carries into the columns after it
+        nearest = prepare_for_int8(fused, calibration, 64)
+        assert relative_error(plain(images), prepared(images)) < 0.1 * relative_error(nearest(images), prepared(images))
+
+
+def test_an_unknown_weight_rounding_is_refused():
+    with pytest.raises(ValueError, match="weight rounding 'stochastic'"):
+        prepare_for_int8(settled_s0(num_classes=10), [torch.randn(2, 3, 64, 64)], 64, weight_rounding="stochastic")

@@ -115,13 +115,20 @@ def test_the_export_searches_the_ranges_of_a_mobileone_classifier_by_default(net
         return json.loads((tmp_path / folder / "model.json").read_text())["int8_calibration"]
 
     whole = ExportContext(calibration=calibration)
-    report = calibration_report("searched", ExportOptions(int8=True), whole)
+    report = calibration_report("searched", ExportOptions(int8=True, int8_scheme="s8s8"), whole)
     search = report["range_search"]["127"]  # the s8s8 file's search: 127 weight levels
     assert list(report["range_search"]) == ["127"] and search["search_images"] == search["check_images"] == 12
+    assert report["weight_rounding"] == {"127": "nearest"}
     # kept only if it lowers the error on the calibration images it did not search on; the file says which ranges it has
     assert search["kept"] == (search["check_error_searched"] < search["check_error_calibrated"])
     assert report["onnx_method"] == ("percentile, then searched for the logits' error" if search["kept"] else "percentile")
-    assert calibration_report("off", ExportOptions(int8=True, int8_range_search=False), whole)["onnx_method"] == "percentile"
+    assert calibration_report("off", ExportOptions(int8=True, int8_scheme="s8s8", int8_range_search=False), whole)["onnx_method"] == "percentile"
+    # reduce_range's 64-level weights: GPTQ-style rounding and the calibrated ranges by default, the search on request
+    report = calibration_report("reduce_range", ExportOptions(int8=True, int8_scheme="reduce_range"), whole)
+    assert report["weight_rounding"] == {"64": "output_error"} and "range_search" not in report and report["onnx_method"] == "percentile"
+    report = calibration_report("reduce_range_searched", ExportOptions(int8=True, int8_scheme="reduce_range", int8_range_search=True,
+                                                                       int8_weight_rounding="nearest"), whole)
+    assert report["weight_rounding"] == {"64": "nearest"} and list(report["range_search"]) == ["64"]
 
     # where the simulation does not cover the network, the calibrated ranges; an error where the search is required
     partial = ExportContext(calibration=calibration, quantized_modules=["stage1", "stage2"])
@@ -132,3 +139,6 @@ def test_the_export_searches_the_ranges_of_a_mobileone_classifier_by_default(net
     with pytest.raises(ValueError, match="needs int8_preparation=True"):
         fuse_and_export(fused, images[:4], tmp_path / "refused", {}, ExportOptions(int8=True, int8_range_search=True, int8_preparation=False),
                         whole)
+    with pytest.raises(ValueError, match="int8_weight_rounding='output_error' rounds the weights of the network prepared"):
+        fuse_and_export(fused, images[:4], tmp_path / "refused", {},
+                        ExportOptions(int8=True, int8_weight_rounding="output_error", int8_preparation=False), whole)

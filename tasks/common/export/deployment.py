@@ -30,6 +30,14 @@ from tasks.common.export.files import EXECUTORCH_FILE, EXECUTORCH_INT8_FILE, FUS
 from tasks.common.export.options import ExportContext, ExportOptions
 
 log = logging.getLogger(__name__)
+# The export's defaults for a prepared network, by weight levels (127: s8s8 and XNNPACK; 64: reduce_range), as
+# measured on Apple's S0 and the two halves of imagenet-sample (benchmarks.int8_methods, benchmarks/RESULTS.md):
+# how weights reach their int8 grid (backbones.quantization.WEIGHT_ROUNDINGS): GPTQ-style rounding brought
+# reduce_range within 1 point of float32 top-1 on both halves, where nearest rounding lost 2.0 on one;
+DEFAULT_WEIGHT_ROUNDING = {64: "output_error", 127: "nearest"}
+# where the activation ranges are searched when the search applies (int8_range_search=None): with 64 levels it
+# lowered the logits' error but cost top-1 on one half with either rounding (-3.2 points)
+DEFAULT_RANGE_SEARCH_LEVELS = (127,)
 
 
 def deployment_files(
@@ -54,11 +62,19 @@ def deployment_files(
     deployed: dict[str, nn.Module] = {}
     trained_for_int8 = int8_activations is not None
     int8_preparation = options.int8_preparation and not trained_for_int8
+    if options.int8_weight_rounding is not None and not int8_preparation:
+        raise ValueError(f"int8_weight_rounding={options.int8_weight_rounding!r} rounds the weights of the network prepared for INT8: "
+                         "it needs int8_preparation=True (and a network not trained for INT8)")
     if options.int8_range_search and not int8_preparation:
         raise ValueError("int8_range_search=True searches the ranges of the network prepared for INT8: it needs int8_preparation=True "
                          "(and a network not trained for INT8)")
     prepared_copies: dict[int | None, tuple[nn.Module, Sequence[dict[str, Any]] | None]] = {}
     searched: dict[str, dict[str, Any]] = {}  # per weight levels: what the range search did
+    roundings: dict[str, str] = {}  # per weight levels: how the weights were rounded
+
+    def weight_rounding(levels: int) -> str:
+        roundings[str(levels)] = options.int8_weight_rounding or DEFAULT_WEIGHT_ROUNDING.get(levels, "nearest")
+        return roundings[str(levels)]
 
     def range_search_unsupported(levels: int | None) -> str | None:
         if levels is None:
@@ -69,18 +85,24 @@ def deployment_files(
             return f"only some modules are quantized ({', '.join(quantized_modules)}); the search simulates a wholly quantized network"
         return int8_simulation_unsupported(fused)
 
+    def searches_ranges(levels: int | None) -> bool:
+        if options.int8_range_search is False:
+            return False
+        reason = range_search_unsupported(levels)
+        if options.int8_range_search and reason is not None:
+            raise ValueError(f"int8_range_search=True: {reason}")
+        return bool(options.int8_range_search) or (reason is None and levels in DEFAULT_RANGE_SEARCH_LEVELS)
+
     def prepared_for(levels: int | None) -> tuple[nn.Module, Sequence[dict[str, Any]] | None]:
         """The copy of ``fused`` prepared for weights of ``levels`` and, where searched, its activation
         ranges (None: calibrate them), made once (ONNX s8s8 and ExecuTorch share it)."""
         if levels not in prepared_copies:
-            reason = range_search_unsupported(levels) if options.int8_range_search is not False else "off"
-            if reason is not None and options.int8_range_search:
-                raise ValueError(f"int8_range_search=True: {reason}")
-            if reason is not None:
-                prepared_copies[levels] = prepare_for_int8(fused, calibration, levels, modules=quantized_modules), None
+            if not searches_ranges(levels):
+                rounding = "nearest" if levels is None else weight_rounding(levels)
+                prepared_copies[levels] = prepare_for_int8(fused, calibration, levels, modules=quantized_modules, weight_rounding=rounding), None
             else:
                 started = time.perf_counter()
-                network, sites, search = prepare_with_searched_ranges(fused, calibration, levels)
+                network, sites, search = prepare_with_searched_ranges(fused, calibration, levels, weight_rounding=weight_rounding(levels))
                 log.info("INT8 activation ranges searched for the logits' error on %d calibration images (weights of %d levels): %d "
                          "narrowed; error on %d others %.4f calibrated, %.4f searched: %s (%.1f s)", search["search_images"], levels,
                          len(search["narrowed"]), search["check_images"], search["check_error_calibrated"],
@@ -106,7 +128,8 @@ def deployment_files(
                             else f"{options.calibration_method}, then searched for the logits' error" if activations is not None
                             else options.calibration_method),
             "cpu": cpu, "cpu_flags": cpu_flags(),
-            "preparation": "equalized activations, weight-rounding bias corrected (backbones.quantization)" if int8_preparation else None,
+            "preparation": ("equalized activations, weights rounded as weight_rounding says (backbones.quantization)"
+                            if int8_preparation else None),
             "executorch_observer": None,
         }
         log.info("INT8 ONNX quantized (static QDQ, %s, activation ranges: %s on %d images; this CPU: %s) (%.1f s)", int8_scheme,
@@ -130,7 +153,9 @@ def deployment_files(
                 "the searched ranges" if activations is not None else "HistogramObserver (the XNNPACK quantizer's)")
             deployed[EXECUTORCH_INT8_FILE] = ExecuTorchNetwork(files[EXECUTORCH_INT8_FILE])
             log.info("INT8 ExecuTorch program (PT2E, XNNPACK) quantized and lowered (%.1f s)", since(started))
-    if searched:  # by weight levels: "127" (s8s8 and XNNPACK), "64" (reduce_range)
+    if roundings:  # by weight levels: "127" (s8s8 and XNNPACK), "64" (reduce_range)
+        report["int8_calibration"]["weight_rounding"] = roundings
+    if searched:
         report["int8_calibration"]["range_search"] = searched
     for name, content in files.items():
         writers[name] = (name, lambda p, content=content: p.write_bytes(content))

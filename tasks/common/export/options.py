@@ -31,6 +31,7 @@ class ExportOptions:
     int8_scheme: Literal["s8s8", "u8u8", "reduce_range"] | None = None
     int8_preparation: bool = True
     int8_range_search: bool | None = None
+    int8_weight_rounding: Literal["nearest", "output_error"] | None = None
 
 
 @dataclass(frozen=True)

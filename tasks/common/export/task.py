@@ -39,6 +39,7 @@ def export_task(
     int8_scheme: Literal["s8s8", "u8u8", "reduce_range"] | None = None,
     int8_preparation: bool = True,
     int8_range_search: bool | None = None,
+    int8_weight_rounding: Literal["nearest", "output_error"] | None = None,
     validation_batches: int | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s network in inference form, checked on real validation inputs; the options
@@ -91,8 +92,16 @@ def export_task(
             (``backbones.quantization.prepare_with_searched_ranges``; 3-4 minutes for S0 at 224 px on 2
             cores); both INT8 files get those ranges. Default (None): wherever the INT8 simulation
             covers the network (a MobileOne classifier without squeeze-excitation, every layer
-            quantized, symmetric weights: s8s8, reduce_range and XNNPACK); ``model.json`` records it.
-            True: required (an error where it does not apply); False: the calibrated ranges.
+            quantized) with 127-level weights (s8s8 and XNNPACK; not ``reduce_range``, where it
+            lowered the logits' error but cost top-1 on Apple's S0); ``model.json`` records it.
+            True: required, ``reduce_range`` included (an error where it does not apply); False: the
+            calibrated ranges.
+        int8_weight_rounding: with ``int8_preparation``, how weights reach their int8 grid:
+            ``nearest`` (then each bias corrected for the mean error) or ``output_error`` (GPTQ-style:
+            column by column, each rounding error compensated in the columns not yet rounded for the
+            layer's output on the calibration images; ``backbones.quantization.round_weights_for_output_error``).
+            Default (None): ``output_error`` for ``reduce_range``'s 64-level weights, ``nearest`` for
+            127 levels (s8s8, XNNPACK), as measured best on Apple's S0 (``benchmarks/RESULTS.md``).
         validation_batches: with ``int8`` or ``executorch``, every written runtime file and the
             fused model are run through the validation split and their metrics recorded in
             ``model.json``; this limits that to the first batches (default: the whole split).
@@ -128,7 +137,7 @@ def export_task(
         onnx=onnx, torchscript=torchscript, tolerance=tolerance, coreml=coreml, coreml_precision=coreml_precision,
         coreml_image_input=coreml_image_input, coreml_image_size=coreml_image_size, int8=int8, executorch=executorch,
         calibration_method=calibration_method, int8_scheme=int8_scheme, int8_preparation=int8_preparation,
-        int8_range_search=int8_range_search,
+        int8_range_search=int8_range_search, int8_weight_rounding=int8_weight_rounding,
     )
     context = ExportContext(
         dynamic_image_size=model.export_dynamic_image_size,
