@@ -48,10 +48,11 @@ def test_the_simulation_removed_is_the_network_post_training_quantization_prepar
     with torch.no_grad():
         assert relative_error(remove_int8_simulation(simulate_int8(fused))(images), fused(images)) < 1e-6, "uncalibrated: the same weights"
         prepared = prepare_for_int8(fused, calibration, INT8_WEIGHT_LEVELS[SCHEME])
-        # float32 rounding in another order (amplified to ~1e-5 by a random network), where the preparation
+        # float32 rounding in another order (amplified to ~1e-5 by a random network; up to ~1e-4 where it moves a
+        # weight across a rounding tie, which depends on the CPU and the thread count), where the preparation
         # itself (bias correction) moves the output by ~0.25
         removed, prepared_output = remove_int8_simulation(simulated)(images), prepared(images)
-        assert relative_error(removed, prepared_output) < 1e-4 < 0.1 < relative_error(prepared_output, fused(images))
+        assert relative_error(removed, prepared_output) < 1e-3 < 0.1 < relative_error(prepared_output, fused(images))
         assert relative_error(simulated(images), fused(images)) > 1e-3, "calibrated, it rounds"
 
 
